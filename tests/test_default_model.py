@@ -1,0 +1,34 @@
+"""The embedded default model: a Llama-architecture checkpoint copied exactly into E5's MistralModel."""
+
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaModel, MistralModel
+
+from lowmem_e5.default_model import GGUF_SHA256, mistral_config_like
+
+
+def test_llama_weights_copied_into_mistral_give_identical_outputs():
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               max_position_embeddings=1024, rope_theta=100000.0, bos_token_id=1, eos_token_id=2)
+    llama = LlamaModel(llama_config).eval()
+    mistral = MistralModel(mistral_config_like(llama_config)).eval()
+    mistral.load_state_dict(llama.state_dict(), strict=True)
+    ids = torch.randint(3, 500, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    with torch.inference_mode():
+        a = llama(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = mistral(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b)
+
+
+def test_cached_default_model_is_smollm2_in_the_e5_architecture(real_model_dir):
+    config = json.loads((real_model_dir / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["architectures"] == ["MistralModel"]
+    assert config["sliding_window"] is None
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (576, 30, 3)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)  # pad == EOS, as E5
+    assert GGUF_SHA256 in (real_model_dir / "SOURCE.txt").read_text()
