@@ -1,0 +1,69 @@
+"""What identifies a model for drift: hashes of its config, weights and tokenizer, plus library versions.
+
+A reference made from one model must never be compared with another model's embeddings; the fingerprint is
+computed from the model folder (not the loaded, possibly quantised, object) so every mode of one checkpoint shares it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .environment import package_versions
+
+FULL_HASH_LIMIT = 2 << 30  # files above 2 GiB are hashed by size, header and both ends (a full 14 GB read is minutes)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(16 << 20))
+            f.seek(size - (16 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _digest_files(folder: Path, patterns: list[str]) -> str:
+    h = hashlib.sha256()
+    files = sorted({p for pat in patterns for p in folder.glob(pat)})
+    for p in files:
+        h.update(p.name.encode())
+        h.update(_file_digest(p).encode())
+    return h.hexdigest() if files else "none"
+
+
+def local_folder(source: str) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download  # hub id: the cached snapshot that was loaded
+
+    return Path(snapshot_download(source, local_files_only=True))
+
+
+def model_fingerprint(source: str) -> dict:
+    folder = local_folder(source)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.pop("transformers_version", None)
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": _digest_files(folder, ["*.safetensors", "*.bin"]),
+        "tokenizer_sha256": _digest_files(folder, ["tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                   "special_tokens_map.json"]),
+        "versions": {k: v for k, v in package_versions().items() if k in ("torch", "transformers", "tokenizers")},
+    }
+
+
+def same_model(a: dict, b: dict) -> list[str]:
+    """The identity fields that differ (library versions are recorded, not enforced)."""
+    return [k for k in ("config_sha256", "weights_sha256", "tokenizer_sha256") if a.get(k) != b.get(k)]
