@@ -53,9 +53,9 @@ class CalibrationSet:
         return [i for i, r in enumerate(self.rows) if r.kind == "document"]
 
 
-def load_calibration_set(path: str | Path = DEFAULT_SET) -> CalibrationSet:
-    """Load and verify against the manifest beside it (sha256 and row count)."""
-    path = Path(path)
+def load_calibration_set(path: str | Path | None = None) -> CalibrationSet:
+    """Load and verify against the manifest beside it (sha256)."""
+    path = Path(path) if path is not None else DEFAULT_SET
     if not path.is_file():
         raise InputError(f"calibration set {str(path)!r} does not exist")
     data = path.read_bytes()

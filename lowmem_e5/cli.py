@@ -85,6 +85,51 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_rows(args: argparse.Namespace):
+    from .calibration import load_calibration_set
+
+    return load_calibration_set(args.set).select(args.split, max_chars=args.max_chars)
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from .calibration import load_calibration_set
+    from .evaluation import CALIBRATION_MAX_LENGTH, default_reference_path, make_reference, reference_mode
+
+    config = runtime_config(args)
+    if args.quant is None:
+        config = config.replace(quant=reference_mode(config.resolved_device()))
+    if args.max_length is None:
+        config = config.replace(max_length=CALIBRATION_MAX_LENGTH)
+    output = args.output or default_reference_path(config.model)
+    ref, seconds = make_reference(config, load_calibration_set(args.set), output)
+    print(json.dumps({"reference": str(output), "rows": len(ref.ids), "mode": ref.mode,
+                      "max_length": ref.max_length, "set_version": ref.set_version, "seconds": round(seconds, 2),
+                      "fingerprint": ref.fingerprint}))
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from .atomic import write_json_atomic
+    from .evaluation import default_reference_path, drift_run
+    from .reference import read_reference
+    from .thresholds import gate_failures
+
+    config = runtime_config(args)
+    reference = read_reference(args.reference or default_reference_path(config.model))
+    cset = _calibration_rows(args)
+    reference.check_set(cset)
+    run = drift_run(config, reference, cset)
+    failures = gate_failures(run.report, config.quant)
+    run.record["quality"]["gate_failures"] = failures
+    if args.output:
+        write_json_atomic(args.output, run.record)
+    print(json.dumps(run.record["quality"]))
+    if failures:
+        log(f"drift past the {config.quant} gate: {'; '.join(failures)}")
+        return 1 if args.check else 0
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from .environment import report
 
@@ -132,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     _runtime_args(enc)
     enc.set_defaults(func=cmd_encode)
+
+    ref = sub.add_parser("reference", help="full-precision embeddings of the calibration set, with the model fingerprint")
+    ref.add_argument("--set", type=Path, default=None, help="calibration set .jsonl (default: calibration/set_v1.jsonl)")
+    ref.add_argument("--output", type=Path, help="default: calibration/references/<model>.safetensors")
+    _runtime_args(ref)
+    ref.set_defaults(func=cmd_reference)
+
+    dr = sub.add_parser("drift", help="cosine drift of one mode against the reference, and retrieval agreement")
+    dr.add_argument("--set", type=Path, default=None)
+    dr.add_argument("--reference", type=Path, help="default: calibration/references/<model>.safetensors")
+    dr.add_argument("--split", default="heldout", choices=("tune", "heldout", "all"))
+    dr.add_argument("--max-chars", type=int, help="only calibration texts up to this many characters")
+    dr.add_argument("--output", type=Path, help="write the result record (run/quality/memory/speed/environment)")
+    dr.add_argument("--check", action="store_true", help="exit 1 when the mode's drift gate fails")
+    _runtime_args(dr)
+    dr.set_defaults(func=cmd_drift)
 
     sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
     sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)
