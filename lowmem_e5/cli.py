@@ -130,6 +130,55 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|G|MiB|MB|M|B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {text!r} is not valid; expected a number with a unit, like 8GiB, 12GB or 6144MiB")
+    unit = (m.group(2) or "B").lower()
+    factor = {"gib": 1 << 30, "g": 1 << 30, "gb": 10**9, "mib": 1 << 20, "m": 1 << 20, "mb": 10**6, "b": 1}[unit]
+    return int(float(m.group(1)) * factor)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .planner import GIB, CARDS_GIB, e5_mistral_config, format_plan, plan_table
+
+    if args.model_config == "e5-mistral":
+        config = e5_mistral_config()
+    else:
+        from transformers import AutoConfig
+
+        path = Path(args.model_config)
+        if not path.exists():
+            raise LowmemError(f"model config {args.model_config!r} does not exist; expected 'e5-mistral' or a "
+                              "config.json / model folder")
+        config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+    cards = tuple(CARDS_GIB)
+    extra = parse_size(args.vram) if args.vram else None
+    rows = plan_table(config, cards, args.compute_dtype, parse_size(args.reserve))
+    if extra is not None:
+        from .planner import max_token_budget, meta_model, plan_weights
+
+        model = meta_model(config)
+        for row in rows:
+            quant, _, dq = row["mode"].partition("+")
+            w = plan_weights(model, quant, bool(dq), args.compute_dtype)
+            row["vram"] = {"bytes": extra, "max_token_budget": max_token_budget(
+                extra, w, config, args.compute_dtype, parse_size(args.reserve))}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_plan(rows, cards))
+    if extra is not None:
+        print(f"\non {args.vram} ({extra / GIB:.2f} GiB):")
+        for row in rows:
+            budget = row["vram"]["max_token_budget"]
+            print(f"  {row['mode']:8s} " + (f"fits, token budget up to {budget:,} (--token-budget)" if budget
+                                             else "does not fit"))
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from .environment import report
 
@@ -193,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--check", action="store_true", help="exit 1 when the mode's drift gate fails")
     _runtime_args(dr)
     dr.set_defaults(func=cmd_drift)
+
+    pl = sub.add_parser("plan", help="weight bytes per mode for a model architecture, and what fits on a card")
+    pl.add_argument("--vram", help="your card's memory, e.g. 8GiB (the table always shows 6, 8, 12, 16 GiB)")
+    pl.add_argument("--model-config", default="e5-mistral", help="'e5-mistral' or a config.json / model folder")
+    pl.add_argument("--compute-dtype", default="float16", choices=COMPUTE_DTYPES,
+                    help="dtype of unquantised weights and activations (GPU default: float16)")
+    pl.add_argument("--reserve", default="768MiB", help="kept free for the CUDA context and allocator")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
     sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)

@@ -22,6 +22,22 @@ DEFAULT_MODEL = "default"
 E5_MISTRAL_HUB_ID = "intfloat/e5-mistral-7b-instruct"
 
 
+LINEAR_OVERRIDE_FORMATS: tuple[str, ...] = ("full", "int8")
+EMBEDDING_OVERRIDE_FORMATS: tuple[str, ...] = ("int8", "nf4")
+EMBEDDING_MODULE = "embed_tokens"
+
+
+def parse_override(entry: str) -> tuple[str, str]:
+    """'layers.3.mlp.down_proj=int8' -> ('layers.3.mlp.down_proj', 'int8'), checked."""
+    name, sep, fmt = str(entry).partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"overrides entry {entry!r} is not valid; expected 'module.name=format'")
+    valid = EMBEDDING_OVERRIDE_FORMATS if name == EMBEDDING_MODULE else LINEAR_OVERRIDE_FORMATS
+    if fmt not in valid:
+        raise ValueError(f"overrides entry {entry!r} has format {fmt!r}; expected one of: {', '.join(valid)} for {name!r}")
+    return name.strip(), fmt
+
+
 def _check_choice(field: str, value: object, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{field}={value!r} is not valid; expected one of: {', '.join(valid)}")
@@ -40,6 +56,9 @@ class RuntimeConfig:
     token_budget: int = 16384  # padded tokens per forward batch; halved on out-of-memory
     truncate: bool = True  # False: a text longer than max_length is an error
     padding_side: PaddingSide = "right"  # pooling and positions are correct with either
+    # Mixed precision: "module=format" entries over the base quant, e.g. "layers.0.mlp.down_proj=int8" keeps one
+    # Linear in 8-bit under nf4, "=full" keeps it unquantised, "embed_tokens=int8" quantises the token embedding.
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -68,6 +87,16 @@ class RuntimeConfig:
         if not isinstance(self.truncate, bool):
             raise ValueError(f"truncate={self.truncate!r} is not valid; expected true or false")
         _check_choice("padding_side", self.padding_side, PADDING_SIDES)
+        if not isinstance(self.overrides, tuple):
+            object.__setattr__(self, "overrides", tuple(self.overrides))  # lists from JSON
+        if self.overrides and self.quant in FULL_PRECISION_DTYPES:
+            raise ValueError(f"overrides are not valid with quant={self.quant!r}; expected a quantised base mode: "
+                             "int8, nf4, fp4")
+        for entry in self.overrides:
+            parse_override(entry)
+
+    def override_map(self) -> dict[str, str]:
+        return dict(parse_override(e) for e in self.overrides)
 
     # --- resolution against the machine -------------------------------------------------------
     def resolved_device(self) -> str:

@@ -73,6 +73,10 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
         )
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load model {source!r} with quant={config.quant!r}: {exc}") from exc
+    if config.overrides:
+        from .precision_plans import apply_overrides
+
+        apply_overrides(model, config.override_map(), device, plan.dtype)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source, device=device,
                        weight_bytes=weight_bytes(model))

@@ -25,9 +25,12 @@ def load_plan(config: RuntimeConfig) -> LoadPlan:
     if config.quant in FULL_PRECISION_DTYPES:
         return LoadPlan(dtype=TORCH_DTYPES[FULL_PRECISION_DTYPES[config.quant]], quantization_config=None)
     compute = TORCH_DTYPES[config.resolved_compute_dtype()]
+    # Linears with a per-module override skip the conversion; the loader converts them afterwards.
+    skip = [name for name in config.override_map() if name != "embed_tokens"] or None
     if config.quant == "int8":
         # Norms and the token embedding stay in the compute dtype; Linear layers become Linear8bitLt.
-        return LoadPlan(dtype=compute, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        return LoadPlan(dtype=compute, quantization_config=BitsAndBytesConfig(load_in_8bit=True,
+                                                                              llm_int8_skip_modules=skip))
     return LoadPlan(
         dtype=compute,
         quantization_config=BitsAndBytesConfig(
@@ -35,5 +38,6 @@ def load_plan(config: RuntimeConfig) -> LoadPlan:
             bnb_4bit_quant_type=config.quant,  # "nf4" or "fp4"
             bnb_4bit_use_double_quant=config.double_quant,
             bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=skip,
         ),
     )
