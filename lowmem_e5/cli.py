@@ -179,6 +179,76 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .atomic import write_json_atomic
+    from .encoder import Embedder
+    from .loading import load_model
+    from .precision_plans import greedy_plans, linear_sensitivity
+    from .tokenization import pad_rows
+
+    config = runtime_config(args).replace(quant="fp32", double_quant=False, overrides=())
+    cset = _calibration_rows(args)
+    embedder = Embedder(load_model(config))
+    tok = embedder.tokenize([r.text for r in cset.rows])
+    batches = []
+    for start in range(0, len(tok.rows), 8):
+        ids, mask, pos = pad_rows(tok.rows[start:start + 8], embedder.special.pad, "right")
+        batches.append({"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+    sens = linear_sensitivity(embedder.loaded.model, batches, quant_type=args.quant_type)
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    plans = greedy_plans(sens, fractions)
+    by_layer: dict[str, float] = {}
+    by_proj: dict[str, float] = {}
+    for s in sens:
+        parts = s.name.split(".")
+        by_layer[parts[1]] = by_layer.get(parts[1], 0.0) + s.relative_error / 7
+        by_proj[parts[-1]] = by_proj.get(parts[-1], 0.0) + s.relative_error / embedder.loaded.model.config.num_hidden_layers
+    result = {
+        "model": embedder.loaded.source, "quant_type": args.quant_type, "split": args.split, "texts": len(cset.rows),
+        "modules": [{"name": s.name, "relative_error": s.relative_error, "weights": s.weights} for s in sens],
+        "mean_error_by_layer": by_layer, "mean_error_by_projection": by_proj,
+        "plans": [{"fraction": f, "overrides": list(p)} for f, p in zip(fractions, plans)],
+    }
+    write_json_atomic(args.output, result)
+    top = ", ".join(f"{s.name} {s.relative_error:.3f}" for s in sens[:5])
+    log(f"most sensitive: {top}")
+    print(json.dumps({"output": str(args.output), "modules": len(sens),
+                      "plans": {f: len(p) for f, p in zip(fractions, plans)}}))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .atomic import write_bytes_atomic
+    from .compare import BASE_GRID, default_grid, markdown_table, plan_entries, plot, run_grid
+    from .evaluation import default_reference_path
+    from .reference import read_reference
+
+    config = runtime_config(args)
+    reference = read_reference(args.reference or default_reference_path(config.model))
+    cset = _calibration_rows(args)
+    reference.check_set(cset)
+    if args.modes:
+        wanted = args.modes.split(",")
+        unknown = [m for m in wanted if m not in {e.label for e in BASE_GRID}]
+        if unknown:
+            raise LowmemError(f"--modes has unknown {unknown}; expected some of: {', '.join(e.label for e in BASE_GRID)}")
+        entries = [e for e in BASE_GRID if e.label in wanted]
+    else:
+        entries = default_grid(config.resolved_device())
+    if args.scan:
+        if not args.scan.is_file():
+            raise LowmemError(f"scan result {str(args.scan)!r} does not exist; make it with `lowmem-e5 scan`")
+        entries += plan_entries(json.loads(args.scan.read_text()))
+    records = run_grid(entries, config, reference, cset, args.out_dir, force=args.force, log=log)
+    table = markdown_table(records)
+    write_bytes_atomic(args.out_dir / "table.md", (table + "\n").encode())
+    plot(records, args.out_dir / "memory_vs_drift.png",
+         f"{Path(reference.source).name}: memory against drift ({cset.version}, {args.split}, "
+         f"{len(cset.rows)} texts)")
+    print(table)
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from .environment import report
 
@@ -251,6 +321,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reserve", default="768MiB", help="kept free for the CUDA context and allocator")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+
+    sc = sub.add_parser("scan", help="per-module 4-bit sensitivity on the calibration tuning split, and mixed plans")
+    sc.add_argument("--set", type=Path, default=None)
+    sc.add_argument("--split", default="tune", choices=("tune", "heldout", "all"))
+    sc.add_argument("--max-chars", type=int, default=600)
+    sc.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
+    sc.add_argument("--fractions", default="0.1,0.25,0.5,0.9", help="shares of Linear weights to keep in int8")
+    sc.add_argument("--output", type=Path, default=Path("calibration/results/sensitivity.json"))
+    _runtime_args(sc)
+    sc.set_defaults(func=cmd_scan)
+
+    cp = sub.add_parser("compare", help="drift and memory of every mode (and mixed plans): JSON per run, table, plot")
+    cp.add_argument("--set", type=Path, default=None)
+    cp.add_argument("--reference", type=Path)
+    cp.add_argument("--split", default="heldout", choices=("tune", "heldout", "all"))
+    cp.add_argument("--max-chars", type=int)
+    cp.add_argument("--modes", help="comma-separated subset of: fp32,fp16,bf16,int8,nf4,nf4+dq,fp4,fp4+dq")
+    cp.add_argument("--scan", type=Path, help="a `lowmem-e5 scan` result: adds its mixed plans to the grid")
+    cp.add_argument("--out-dir", type=Path, default=Path("calibration/results/compare"))
+    cp.add_argument("--force", action="store_true", help="recompute runs whose result file exists")
+    _runtime_args(cp)
+    cp.set_defaults(func=cmd_compare)
 
     sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
     sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)

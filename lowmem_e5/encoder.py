@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .adapters import BASE, AdapterInfo, AdapterSet
 from .batching import padded_tokens, plan_batches
 from .errors import InputError, OutOfMemoryError
 from .instructions import format_query, task_instruction
@@ -69,6 +70,15 @@ class Embedder:
         self.config = loaded.config
         self.special = SpecialIds.from_tokenizer(loaded.tokenizer)
         self.token_budget = self.config.token_budget
+        self.adapters = AdapterSet(loaded.model, base_is_quantized=self.config.quant in ("int8", "nf4", "fp4"))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model that runs: the loaded base, or the peft wrapper once an adapter is loaded."""
+        return self.adapters.model
+
+    def load_adapter(self, name: str, folder) -> AdapterInfo:
+        return self.adapters.load(name, folder)
 
     @property
     def dim(self) -> int:
@@ -89,12 +99,17 @@ class Embedder:
         query: bool = False,
         task: str | None = None,
         instruction: str | None = None,
+        adapter: str | list[str | None] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, EncodeStats]:
-        """Embeddings (n, hidden) float32 with unit rows, in input order, and what it took."""
+        """Embeddings (n, hidden) float32 with unit rows, in input order, and what it took.
+
+        adapter: None for the base model, a loaded adapter's name, or one entry per text (mixed batch).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32), EncodeStats()
         tok = self.tokenize(texts, query=query, task=task, instruction=instruction)
+        row_adapters = self._select_adapters(adapter, len(texts))
         lengths = tok.lengths
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         stats = EncodeStats(n_texts=len(texts), n_truncated=len(tok.truncated), truncated=list(tok.truncated),
@@ -103,7 +118,8 @@ class Embedder:
         while queue:
             batch = queue.popleft()
             try:
-                vectors = self._forward([tok.rows[i] for i in batch])
+                names = [row_adapters[i] for i in batch] if row_adapters is not None else None
+                vectors = self._forward([tok.rows[i] for i in batch], names)
             except torch.OutOfMemoryError:
                 if len(batch) == 1:
                     raise OutOfMemoryError(
@@ -139,13 +155,33 @@ class Embedder:
         return tokenize(self.loaded.tokenizer, list(texts), self.config.max_length, self.config.truncate)
 
     # --- internals ----------------------------------------------------------------------------
-    def _forward(self, rows: list[list[int]]) -> np.ndarray:
+    def _select_adapters(self, adapter, n: int) -> list[str] | None:
+        """Set the adapter state for this call; returns per-row names for a mixed batch, else None."""
+        if isinstance(adapter, (list, tuple)):
+            if len(adapter) != n:
+                raise InputError(f"adapter list has {len(adapter)} entries for {n} texts; expected one per text")
+            names = [BASE if a is None else a for a in adapter]
+            for a in set(names) - {BASE}:
+                self.adapters.info(a)  # unknown names fail here, listing the loaded ones
+            if set(names) == {BASE}:
+                self.adapters.deactivate()
+                return None
+            self.adapters.activate(next(a for a in names if a != BASE))  # adapter layers on; rows pick their own
+            return names
+        if adapter is None or adapter == BASE:
+            self.adapters.deactivate()
+        else:
+            self.adapters.activate(adapter)
+        return None
+
+    def _forward(self, rows: list[list[int]], adapter_names: list[str] | None = None) -> np.ndarray:
         ids, mask, positions = pad_rows(rows, self.special.pad, self.config.padding_side)  # each (B, T)
         device = self.loaded.device
+        extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
         with torch.inference_mode():
-            hidden = self.loaded.model(
+            hidden = self.model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=False,
+                use_cache=False, **extra,
             ).last_hidden_state  # (B, T, H)
             pooled = l2_normalize(last_token_pool(hidden, mask))  # (B, H) fp32
         if not bool(torch.isfinite(pooled).all()):

@@ -37,6 +37,7 @@ class Reference:
     set_sha256: str
     mode: str
     max_length: int
+    source: str = ""
 
     def check_model(self, source: str) -> None:
         differ = same_model(self.fingerprint, model_fingerprint(source))
@@ -57,7 +58,7 @@ def write_reference(path: str | Path, embeddings: np.ndarray, cset: CalibrationS
     path = Path(path)
     ref = Reference(embeddings=np.ascontiguousarray(embeddings, dtype=np.float32), ids=cset.ids,
                     fingerprint=model_fingerprint(source), set_version=cset.version, set_sha256=cset.sha256,
-                    mode=mode, max_length=max_length)
+                    mode=mode, max_length=max_length, source=source)
     metadata = {"ids": json.dumps(ref.ids), "fingerprint": json.dumps(ref.fingerprint), "set_version": ref.set_version,
                 "set_sha256": ref.set_sha256, "mode": mode, "max_length": str(max_length), "source": source}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,4 +85,4 @@ def read_reference(path: str | Path) -> Reference:
         embeddings = f.get_tensor("embeddings")
     return Reference(embeddings=embeddings, ids=json.loads(meta["ids"]), fingerprint=json.loads(meta["fingerprint"]),
                      set_version=meta["set_version"], set_sha256=meta["set_sha256"], mode=meta["mode"],
-                     max_length=int(meta["max_length"]))
+                     max_length=int(meta["max_length"]), source=meta.get("source", ""))

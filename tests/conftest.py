@@ -64,3 +64,42 @@ def fresh_copy(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+def train_test_adapter(base_dir: Path, out_dir: Path, seed: int, targets=("q_proj", "v_proj"), rank: int = 4,
+                       steps: int = 4) -> Path:
+    """A real peft LoRA adapter made by a few optimiser steps that pull embeddings towards a random direction."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowmem_e5.pooling import last_token_pool
+    from lowmem_e5.tokenization import pad_rows, tokenize
+
+    torch.manual_seed(seed)
+    base = AutoModel.from_pretrained(base_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                            lora_dropout=0.0))
+    rows = tokenize(tok, ["domain text one", "another domain sentence", "third example"], 64).rows
+    ids, mask, pos = pad_rows(rows, 2, "right")
+    target = torch.nn.functional.normalize(torch.randn(base.config.hidden_size), dim=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(steps):
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        pooled = torch.nn.functional.normalize(last_token_pool(hidden, mask), dim=-1)
+        loss = (1 - pooled @ target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "A": train_test_adapter(tiny_model_dir, root / "A", seed=1),
+        "B": train_test_adapter(tiny_model_dir, root / "B", seed=2),
+        "C": train_test_adapter(tiny_model_dir, root / "C", seed=3, targets=("down_proj",), rank=8),
+    }

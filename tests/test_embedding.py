@@ -91,7 +91,7 @@ def test_out_of_memory_halves_the_budget_and_retries(tiny_embedder, monkeypatch)
     real_forward = e._forward
     seen_sizes = []
 
-    def forward_that_runs_out_above_200_tokens(rows):
+    def forward_that_runs_out_above_200_tokens(rows, adapter_names=None):
         # Stand-in for the CUDA allocator failing: the CPU has no memory limit to hit.
         size = len(rows) * max(len(r) for r in rows)
         seen_sizes.append(size)
@@ -109,7 +109,7 @@ def test_out_of_memory_halves_the_budget_and_retries(tiny_embedder, monkeypatch)
 def test_a_row_that_does_not_fit_alone_is_a_clear_error(tiny_embedder, monkeypatch):
     e = with_config(tiny_embedder)
 
-    def always_out_of_memory(rows):
+    def always_out_of_memory(rows, adapter_names=None):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(e, "_forward", always_out_of_memory)

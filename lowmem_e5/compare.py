@@ -1,0 +1,127 @@
+"""The quality-against-memory grid: one drift run per mode or plan, a result JSON each, a table and a plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import write_bytes_atomic, write_json_atomic
+from .calibration import CalibrationSet
+from .config import RuntimeConfig
+from .evaluation import drift_run
+from .reference import Reference
+from .results import slug
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    label: str
+    quant: str
+    double_quant: bool = False
+    overrides: tuple[str, ...] = ()
+    plan: str | None = None  # short description of a mixed plan
+
+
+BASE_GRID = [GridEntry("fp32", "fp32"), GridEntry("fp16", "fp16"), GridEntry("bf16", "bf16"),
+             GridEntry("int8", "int8"), GridEntry("nf4", "nf4"), GridEntry("nf4+dq", "nf4", True),
+             GridEntry("fp4", "fp4"), GridEntry("fp4+dq", "fp4", True)]
+
+
+def default_grid(device: str) -> list[GridEntry]:
+    """The reference precision of the device and everything below it: fp32 on CPU (where fp16 matmuls are
+    several times slower and add nothing), fp16 on GPU."""
+    skip = "fp16" if device == "cpu" else "fp32"
+    return [e for e in BASE_GRID if e.label != skip]
+
+
+def plan_entries(scan: dict) -> list[GridEntry]:
+    """Mixed plans from a sensitivity scan result (lowmem-e5 scan)."""
+    entries = [GridEntry("nf4:emb-nf4", "nf4", True, ("embed_tokens=nf4",), "nf4+dq, token embedding nf4"),
+               GridEntry("nf4:emb-int8", "nf4", False, ("embed_tokens=int8",), "nf4, token embedding int8"),
+               GridEntry("int8:emb-int8", "int8", False, ("embed_tokens=int8",), "int8, token embedding int8")]
+    for plan in scan["plans"]:
+        pct = round(plan["fraction"] * 100)
+        entries.append(GridEntry(f"nf4:int8-{pct}%:emb-int8", "nf4", False,
+                                 tuple(plan["overrides"]) + ("embed_tokens=int8",),
+                                 f"nf4, the {pct}% most sensitive Linear weights in int8, token embedding int8"))
+    return entries
+
+
+def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference, cset: CalibrationSet,
+             out_dir: Path, force: bool = False, log=print) -> list[dict]:
+    """Resumable: a run whose result file exists (same label) is read back, not recomputed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, e in enumerate(entries, start=1):
+        path = out_dir / f"{slug(e.label)}.json"
+        if path.exists() and not force:
+            log(f"[{i}/{len(entries)}] {e.label}: kept {path.name}")
+            records.append(json.loads(path.read_text()))
+            continue
+        config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides)
+        run = drift_run(config, reference, cset, plan=e.plan)
+        run.record["run"]["label"] = e.label
+        write_json_atomic(path, run.record)
+        q = run.report
+        log(f"[{i}/{len(entries)}] {e.label}: mean cosine {q.mean_cosine:.4f}, "
+            f"{run.record['memory']['weight_bytes']['total']:,} bytes")
+        records.append(run.record)
+    return records
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both axes (smaller x and smaller y are better)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def markdown_table(records: list[dict]) -> str:
+    int8 = next((r for r in records if r["run"]["label"] == "int8"), None)
+    int8_bytes = int8["memory"]["weight_bytes"]["total"] if int8 else None
+    points = [(r["memory"]["weight_bytes"]["total"], 1 - r["quality"]["mean_cosine"]) for r in records]
+    front = set(pareto_front(points))
+    lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for i, r in enumerate(sorted(records, key=lambda r: -r["memory"]["weight_bytes"]["total"])):
+        q, b = r["quality"], r["memory"]["weight_bytes"]["total"]
+        ratio = f"{b / int8_bytes:.2f}" if int8_bytes else "-"
+        on_front = "*" if records.index(r) in front else ""
+        lines.append(f"| {r['run']['label']} | {b:,} | {ratio} | {q['mean_cosine']:.4f} | {q['p5_cosine']:.4f} | "
+                     f"{q['min_cosine']:.4f} | {q['top10_overlap']:.3f} | {q['spearman']:.4f} | {on_front} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["memory"]["weight_bytes"]["total"] / 2**20 for r in records]
+    ys = [max(1 - r["quality"]["mean_cosine"], 1e-6) for r in records]
+    front = pareto_front(list(zip(xs, ys)))
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    mixed = [":" in r["run"]["label"] for r in records]
+    ax.scatter([x for x, m in zip(xs, mixed) if not m], [y for y, m in zip(ys, mixed) if not m], label="plain modes")
+    ax.scatter([x for x, m in zip(xs, mixed) if m], [y for y, m in zip(ys, mixed) if m], marker="s",
+               label="mixed plans")
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=1, label="Pareto front")
+    for x, y, r in zip(xs, ys, records):
+        ax.annotate(r["run"]["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight bytes (MiB)")
+    ax.set_ylabel("mean drift, 1 - mean cosine to reference (log)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
