@@ -59,6 +59,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     loaded = load_model(config)
     embedder = Embedder(loaded)
+    adapter = None
+    if args.adapter is not None:
+        info = embedder.load_adapter("cli", args.adapter)
+        adapter = "cli"
+        log(f"adapter {args.adapter}: rank {info.rank}, {info.bytes:,} bytes")
     log(f"loaded {loaded.source} as {config.quant} on {loaded.device}: "
         f"{loaded.weight_bytes.total:,} weight bytes ({time.perf_counter() - t0:.1f} s)")
     try:  # tokenise everything first, so a too-long text is named by its line before any work
@@ -70,7 +75,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         log(f"{len(tokenized.truncated)} of {len(inputs.texts)} texts exceed max_length={config.max_length} "
             f"and are truncated (first: {inputs.where(tokenized.truncated[0])})")
     spec = JobSpec(texts=inputs.texts, output=output, query=query, task=args.task, instruction=args.instruction,
-                   chunk_size=args.chunk_size)
+                   chunk_size=args.chunk_size, adapter=str(args.adapter.resolve()) if args.adapter else None)
     t1 = time.perf_counter()
     result = run_job(spec, embedder, restart=args.restart, progress=not args.quiet)
     elapsed = time.perf_counter() - t1
@@ -89,6 +94,17 @@ def _calibration_rows(args: argparse.Namespace):
     from .calibration import load_calibration_set
 
     return load_calibration_set(args.set).select(args.split, max_chars=args.max_chars)
+
+
+def _reference_and_rows(args: argparse.Namespace, config: RuntimeConfig):
+    """The reference (--reference or the model's default path) and the calibration rows it is checked against."""
+    from .evaluation import default_reference_path
+    from .reference import read_reference
+
+    reference = read_reference(args.reference or default_reference_path(config.model))
+    cset = _calibration_rows(args)
+    reference.check_set(cset)
+    return reference, cset
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -110,14 +126,11 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from .atomic import write_json_atomic
-    from .evaluation import default_reference_path, drift_run
-    from .reference import read_reference
+    from .evaluation import drift_run
     from .thresholds import gate_failures
 
     config = runtime_config(args)
-    reference = read_reference(args.reference or default_reference_path(config.model))
-    cset = _calibration_rows(args)
-    reference.check_set(cset)
+    reference, cset = _reference_and_rows(args, config)
     run = drift_run(config, reference, cset)
     failures = gate_failures(run.report, config.quant)
     run.record["quality"]["gate_failures"] = failures
@@ -220,13 +233,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .atomic import write_bytes_atomic
     from .compare import BASE_GRID, default_grid, markdown_table, plan_entries, plot, run_grid
-    from .evaluation import default_reference_path
-    from .reference import read_reference
 
     config = runtime_config(args)
-    reference = read_reference(args.reference or default_reference_path(config.model))
-    cset = _calibration_rows(args)
-    reference.check_set(cset)
+    reference, cset = _reference_and_rows(args, config)
     if args.modes:
         wanted = args.modes.split(",")
         unknown = [m for m in wanted if m not in {e.label for e in BASE_GRID}]
@@ -246,6 +255,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
          f"{Path(reference.source).name}: memory against drift ({cset.version}, {args.split}, "
          f"{len(cset.rows)} texts)")
     print(table)
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .atomic import write_json_atomic
+    from .calibration import load_calibration_set
+    from .evaluation import default_reference_path
+    from .reference import read_reference
+    from .repair import RepairConfig, repaired_drift, train_repair_adapter
+    from .results import mode_label
+
+    config = runtime_config(args)
+    if config.quant not in ("int8", "nf4", "fp4"):
+        raise LowmemError(f"--quant {config.quant} needs no repair; expected a quantised mode: int8, nf4, fp4")
+    reference = read_reference(args.reference or default_reference_path(config.model))
+    cset = load_calibration_set(args.set)
+    reference.check_set(cset)
+    tune = cset.select("tune", max_chars=args.max_chars)
+    heldout = cset.select("heldout", max_chars=args.max_chars)
+    output = args.output or Path("calibration/adapters") / f"repair-{mode_label(config.quant, config.double_quant)}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rc = RepairConfig(rank=args.rank, alpha=2 * args.rank, epochs=args.epochs, lr=args.lr, loss=args.loss)
+    log(f"training a rank-{rc.rank} LoRA on {len(tune.rows)} tuning texts against the {reference.mode} reference")
+    train = train_repair_adapter(config, reference, tune, rc, output, progress=not args.quiet)
+    drift = repaired_drift(config, reference, heldout, output)
+    result = {"adapter": str(output), "adapter_bytes": train["adapter_bytes"], "train": train, "heldout": drift}
+    write_json_atomic(output / "repair.json", result)
+    print(json.dumps({"adapter": str(output), "adapter_bytes": train["adapter_bytes"],
+                      "heldout_mean_drift_before": drift["before"]["mean_drift"],
+                      "heldout_mean_drift_after": drift["after"]["mean_drift"],
+                      "drift_reduction": drift["drift_reduction"]}))
     return 0
 
 
@@ -291,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--query", action="store_true", help="texts are queries: prepend the task instruction")
     enc.add_argument("--task", help="official task name (see `lowmem-e5 tasks`); implies --query")
     enc.add_argument("--instruction", help="free-text task instruction; implies --query")
+    enc.add_argument("--adapter", type=Path, help="a LoRA adapter folder (peft, safetensors) to apply")
     enc.add_argument("--chunk-size", type=int, default=256, help="texts per saved chunk (resume granularity)")
     enc.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -343,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--force", action="store_true", help="recompute runs whose result file exists")
     _runtime_args(cp)
     cp.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("repair", help="train a LoRA that pulls the quantised model back to the reference")
+    rp.add_argument("--set", type=Path, default=None)
+    rp.add_argument("--reference", type=Path)
+    rp.add_argument("--max-chars", type=int, default=600, help="calibration texts used (train: tune, report: heldout)")
+    rp.add_argument("--rank", type=int, default=8)
+    rp.add_argument("--epochs", type=int, default=6)
+    rp.add_argument("--lr", type=float, default=1e-3)
+    rp.add_argument("--loss", default="cosine", choices=("cosine", "mse"))
+    rp.add_argument("--output", type=Path, help="adapter folder (default: calibration/adapters/repair-<mode>)")
+    rp.add_argument("--quiet", action="store_true")
+    _runtime_args(rp)
+    rp.set_defaults(func=cmd_repair)
 
     sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
     sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)

@@ -56,7 +56,7 @@ def reference_rows(reference: Reference, cset: CalibrationSet) -> np.ndarray:
 
 
 def drift_run(config: RuntimeConfig, reference: Reference, cset: CalibrationSet, *, plan: str | None = None,
-              embedder: Embedder | None = None) -> DriftRun:
+              embedder: Embedder | None = None, adapter: str | None = None) -> DriftRun:
     """cset: the rows to measure (a split or subset of the reference's set)."""
     config = config.replace(max_length=reference.max_length)  # same truncation as the reference
     source, _ = resolve_model_source(config.model)
@@ -65,7 +65,7 @@ def drift_run(config: RuntimeConfig, reference: Reference, cset: CalibrationSet,
     embedder = embedder or Embedder(load_model(config))
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
-    vectors = embed_calibration(embedder, cset)
+    vectors = embed_calibration(embedder, cset, adapter=adapter)
     seconds = time.perf_counter() - t0
     tokens = sum(embedder.tokenize([r.text for r in cset.rows]).lengths)
     report = measure_drift(vectors, reference_rows(reference, cset), cset)

@@ -29,6 +29,7 @@ class JobSpec:
     task: str | None = None
     instruction: str | None = None
     chunk_size: int = 256
+    adapter: str | None = None  # folder of the LoRA adapter loaded as "cli" (part of the job's identity)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -63,16 +64,18 @@ def job_identity(spec: JobSpec, embedder: Embedder) -> dict:
         digest.update(b"\0")
     config = embedder.config.to_dict()
     config.pop("token_budget")  # batching does not change the vectors
-    return {
+    identity = {
         "texts_sha256": digest.hexdigest(),
         "n_texts": len(spec.texts),
         "chunk_size": spec.chunk_size,
         "query": spec.query,
         "task": spec.task,
         "instruction": spec.instruction,
+        "adapter": spec.adapter,
         "model_source": embedder.loaded.source,
         "config": config,
     }
+    return json.loads(json.dumps(identity))  # as it reads back from job.json (tuples become lists)
 
 
 def run_job(
@@ -109,7 +112,8 @@ def run_job(
             if path.exists():
                 continue
             vectors, chunk_stats = embedder.encode(
-                spec.chunk(k), query=spec.query, task=spec.task, instruction=spec.instruction, on_batch=bar.update
+                spec.chunk(k), query=spec.query, task=spec.task, instruction=spec.instruction,
+                adapter="cli" if spec.adapter else None, on_batch=bar.update
             )
             save_npz_atomic(path, embeddings=vectors, truncated=np.asarray(chunk_stats.truncated, dtype=np.int64),
                             counts=np.asarray([chunk_stats.real_tokens, chunk_stats.padded_tokens,

@@ -88,8 +88,8 @@ def plan_weights(model: torch.nn.Module, quant: str, double_quant: bool = False,
     embedding = model.get_submodule("embed_tokens") if embed_fmt else None
     for p in model.parameters():
         if embedding is not None and p is embedding.weight:
-            v, h = p.shape  # bitsandbytes' embeddings: int8 rows + fp32 row scales, or nf4 with double quant
-            other += linear_bytes(v, h, embed_fmt, double_quant=True, full_dtype_bytes=full)
+            v, h = p.shape  # bitsandbytes' embeddings: int8 rows + fp32 row scales, or nf4 without double quant
+            other += linear_bytes(v, h, embed_fmt, double_quant=False, full_dtype_bytes=full)
         elif id(p) not in linear_params:
             other += p.numel() * full
     label = f"{quant}+dq" if double_quant else quant

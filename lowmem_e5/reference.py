@@ -16,7 +16,7 @@ from .errors import InputError
 from .fingerprint import model_fingerprint, same_model
 
 
-def embed_calibration(embedder: Embedder, cset: CalibrationSet) -> np.ndarray:
+def embed_calibration(embedder: Embedder, cset: CalibrationSet, adapter: str | None = None) -> np.ndarray:
     """(n, hidden) fp32 in set order: queries with their task's instruction, documents plain."""
     out = np.empty((len(cset.rows), embedder.dim), dtype=np.float32)
     groups: dict[str | None, list[int]] = {}
@@ -24,7 +24,7 @@ def embed_calibration(embedder: Embedder, cset: CalibrationSet) -> np.ndarray:
         groups.setdefault(row.task if row.kind == "query" else None, []).append(i)
     for task, idx in groups.items():
         texts = [cset.rows[i].text for i in idx]
-        out[idx] = embedder.encode(texts, task=task)[0] if task else embedder.encode(texts)[0]
+        out[idx] = embedder.encode(texts, task=task, adapter=adapter)[0]
     return out
 
 

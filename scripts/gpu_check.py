@@ -1,0 +1,155 @@
+"""Full-size check on a GPU: E5-Mistral-7B's architecture with random weights, built directly in each mode on the
+device (no download: bytes and FLOPs do not depend on the values), measured beside the planner's prediction.
+
+    python scripts/gpu_check.py                      # on the GPU machine (scripts/gpu_check.sh wraps it)
+    python scripts/gpu_check.py --tiny --device cpu  # the same code on a 2-layer config, for CI
+
+Records per mode: exact weight bytes (and the planner's), peak memory for a 512-token and a 4096-token batch
+(and the planner's activation estimate), tokens/s at a few token budgets. One JSON under calibration/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lowmem_e5.atomic import write_json_atomic  # noqa: E402
+from lowmem_e5.memory import weight_bytes  # noqa: E402
+from lowmem_e5.planner import activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights  # noqa: E402
+from lowmem_e5.precision_plans import to_int8_linear  # noqa: E402
+from lowmem_e5.results import environment  # noqa: E402
+from lowmem_e5.tokenization import pad_rows  # noqa: E402
+
+MODES = [("fp16", False), ("int8", False), ("nf4", False), ("nf4", True)]
+
+
+def tiny_config():
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         sliding_window=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def to_4bit_linear(linear: torch.nn.Linear, quant_type: str, double_quant: bool, dtype, device) -> torch.nn.Module:
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
+                          compress_statistics=double_quant, quant_type=quant_type)
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu", dtype), requires_grad=False, quant_type=quant_type,
+                                 compress_statistics=double_quant)
+    return q.to(device)  # quantised on the move, as transformers does
+
+
+def build(config, quant: str, double_quant: bool, device: str, dtype) -> torch.nn.Module:
+    from transformers import MistralModel
+
+    torch.manual_seed(0)
+    with torch.device(device if quant == "fp16" else "cpu"):
+        model = MistralModel(config).to(dtype)  # random weights
+    if quant != "fp16":
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    new = (to_int8_linear(child, device) if quant == "int8"
+                           else to_4bit_linear(child, quant, double_quant, dtype, device))
+                    setattr(module, child_name, new)
+        model = model.to(device)
+    if device == "cpu":
+        from lowmem_e5.loading import keep_4bit_layout_stable
+
+        keep_4bit_layout_stable(model)
+    return model.eval()
+
+
+def forward(model, batch_rows: int, seq_len: int, device: str) -> None:
+    rows = [[1] + [5 + (i * 7 + j) % 900 for j in range(seq_len - 2)] + [2] for i in range(batch_rows)]
+    ids, mask, pos = pad_rows(rows, 2, "right")
+    with torch.inference_mode():
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
+
+
+def peak_for(model, batch_rows, seq_len, device) -> int | None:
+    if device == "cpu":
+        forward(model, batch_rows, seq_len, device)
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward(model, batch_rows, seq_len, device)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def tokens_per_second(model, budget: int, seq_len: int, device: str, repeats: int) -> float:
+    rows = max(1, budget // seq_len)
+    forward(model, rows, seq_len, device)  # warm-up
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        forward(model, rows, seq_len, device)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return rows * seq_len * repeats / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="2-layer config (CPU smoke test)")
+    ap.add_argument("--budgets", default="4096,16384,65536")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "calibration/results/gpu_check.json")
+    args = ap.parse_args()
+    config = tiny_config() if args.tiny else e5_mistral_config()
+    dtype = torch.float32 if args.device == "cpu" else torch.float16
+    dtype_name = "float32" if args.device == "cpu" else "float16"
+    budgets = [int(b) for b in args.budgets.split(",")]
+    meta = meta_model(config)
+    rows = []
+    for quant, dq in MODES:
+        label = f"{quant}+dq" if dq else quant
+        t0 = time.perf_counter()
+        model = build(config, quant, dq, args.device, dtype)
+        build_s = time.perf_counter() - t0
+        planned = plan_weights(meta, quant, dq, dtype_name)
+        row = {"mode": label, "build_seconds": build_s, "weight_bytes": weight_bytes(model).total,
+               "planned_weight_bytes": planned.total,
+               "peak_activation_bytes": {}, "planned_activation_bytes": {}, "tokens_per_second": {}}
+        for seq_len, batch_rows in ((512, 8), (4096, 1)):
+            key = f"{batch_rows}x{seq_len}"
+            row["peak_activation_bytes"][key] = peak_for(model, batch_rows, seq_len, args.device)
+            row["planned_activation_bytes"][key] = activation_bytes_per_token(config, dtype_name) * batch_rows * seq_len
+        for budget in budgets:
+            row["tokens_per_second"][str(budget)] = tokens_per_second(model, budget, 512, args.device, args.repeats)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+    result = {"run": {"script": "scripts/gpu_check.py", "argv": sys.argv[1:], "config": "tiny" if args.tiny else
+                      "e5-mistral-7b (random weights)", "device": args.device},
+              "modes": rows, "environment": environment()}
+    write_json_atomic(args.out, result)
+    print("| mode | weight bytes (measured) | planned | peak 8x512 | peak 1x4096 | tokens/s @ budgets |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        peaks = [r["peak_activation_bytes"][k] for k in ("8x512", "1x4096")]
+        tps = ", ".join(f"{b}: {v:,.0f}" for b, v in r["tokens_per_second"].items())
+        print(f"| {r['mode']} | {r['weight_bytes']:,} | {r['planned_weight_bytes']:,} | "
+              + " | ".join("-" if p is None else f"{p:,}" for p in peaks) + f" | {tps} |")
+
+
+if __name__ == "__main__":
+    main()
