@@ -74,8 +74,11 @@ def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: Cali
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rc.lr, weight_decay=0.0)
     steps_per_epoch = (len(rows) + rc.batch_size - 1) // rc.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=rc.lr, total_steps=rc.epochs * steps_per_epoch,
-                                                pct_start=0.1)
+    total_steps = rc.epochs * steps_per_epoch
+    if total_steps >= 20:  # one-cycle needs >= 2 warm-up steps (10 %); shorter runs keep the lr constant
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=rc.lr, total_steps=total_steps, pct_start=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     device = embedder.loaded.device
     losses = []
     gen = torch.Generator().manual_seed(rc.seed)
