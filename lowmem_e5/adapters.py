@@ -144,10 +144,8 @@ class AdapterSet:
         self._require(name)
         self.model.delete_adapter(name)
         del self._adapters[name]
-        if self.active == name or not self._adapters:
-            self.active = None
-            if self._adapters:
-                self.deactivate()
+        if self.active == name:
+            self.deactivate()  # peft would switch to another adapter; we fall back to the base
 
     def merge(self, name: str) -> torch.nn.Module:
         """Fold one adapter into a full-precision base and return the plain model (the set is then empty)."""
@@ -160,6 +158,3 @@ class AdapterSet:
         self.active = None
         self.model = merged
         return merged
-
-    def adapter_bytes(self) -> int:
-        return sum(a.bytes for a in self._adapters.values())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import InputError
+from .instructions import format_query, task_instruction
 
 CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
 DEFAULT_SET = CALIBRATION_DIR / "set_v1.jsonl"
@@ -51,6 +52,10 @@ class CalibrationSet:
 
     def documents(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r.kind == "document"]
+
+    def model_texts(self) -> list[str]:
+        """What the model reads: queries with their task's instruction, documents as they are."""
+        return [format_query(r.text, task_instruction(r.task)) if r.kind == "query" else r.text for r in self.rows]
 
 
 def load_calibration_set(path: str | Path | None = None) -> CalibrationSet:

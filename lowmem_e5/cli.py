@@ -59,10 +59,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     loaded = load_model(config)
     embedder = Embedder(loaded)
-    adapter = None
     if args.adapter is not None:
         info = embedder.load_adapter("cli", args.adapter)
-        adapter = "cli"
         log(f"adapter {args.adapter}: rank {info.rank}, {info.bytes:,} bytes")
     log(f"loaded {loaded.source} as {config.quant} on {loaded.device}: "
         f"{loaded.weight_bytes.total:,} weight bytes ({time.perf_counter() - t0:.1f} s)")
@@ -96,15 +94,22 @@ def _calibration_rows(args: argparse.Namespace):
     return load_calibration_set(args.set).select(args.split, max_chars=args.max_chars)
 
 
-def _reference_and_rows(args: argparse.Namespace, config: RuntimeConfig):
-    """The reference (--reference or the model's default path) and the calibration rows it is checked against."""
+def _reference_and_set(args: argparse.Namespace, config: RuntimeConfig):
+    """The reference (--reference or the model's default path) and the whole calibration set, checked to match."""
+    from .calibration import load_calibration_set
     from .evaluation import default_reference_path
     from .reference import read_reference
 
     reference = read_reference(args.reference or default_reference_path(config.model))
-    cset = _calibration_rows(args)
+    cset = load_calibration_set(args.set)
     reference.check_set(cset)
     return reference, cset
+
+
+def _reference_and_rows(args: argparse.Namespace, config: RuntimeConfig):
+    """The reference and the rows picked by --split and --max-chars."""
+    reference, cset = _reference_and_set(args, config)
+    return reference, cset.select(args.split, max_chars=args.max_chars)
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -155,7 +160,7 @@ def parse_size(text: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import GIB, CARDS_GIB, e5_mistral_config, format_plan, plan_table
+    from .planner import GIB, card_sizes, e5_mistral_config, format_plan, plan_table
 
     if args.model_config == "e5-mistral":
         config = e5_mistral_config()
@@ -167,22 +172,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise LowmemError(f"model config {args.model_config!r} does not exist; expected 'e5-mistral' or a "
                               "config.json / model folder")
         config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-    cards = tuple(CARDS_GIB)
+    cards = card_sizes()
     extra = parse_size(args.vram) if args.vram else None
-    rows = plan_table(config, cards, args.compute_dtype, parse_size(args.reserve))
+    rows = plan_table(config, {**cards, "vram": extra} if extra is not None else cards, args.compute_dtype,
+                      parse_size(args.reserve))
     if extra is not None:
-        from .planner import max_token_budget, meta_model, plan_weights
-
-        model = meta_model(config)
         for row in rows:
-            quant, _, dq = row["mode"].partition("+")
-            w = plan_weights(model, quant, bool(dq), args.compute_dtype)
-            row["vram"] = {"bytes": extra, "max_token_budget": max_token_budget(
-                extra, w, config, args.compute_dtype, parse_size(args.reserve))}
+            row["vram"] = {"bytes": extra, "max_token_budget": row["max_token_budget"].pop("vram")}
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(format_plan(rows, cards))
+    print(format_plan(rows, list(cards)))
     if extra is not None:
         print(f"\non {args.vram} ({extra / GIB:.2f} GiB):")
         for row in rows:
@@ -210,16 +210,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     sens = linear_sensitivity(embedder.loaded.model, batches, quant_type=args.quant_type)
     fractions = tuple(float(f) for f in args.fractions.split(","))
     plans = greedy_plans(sens, fractions)
-    by_layer: dict[str, float] = {}
-    by_proj: dict[str, float] = {}
-    for s in sens:
+    by_layer: dict[str, list[float]] = {}
+    by_proj: dict[str, list[float]] = {}
+    for s in sens:  # names look like layers.12.self_attn.v_proj
         parts = s.name.split(".")
-        by_layer[parts[1]] = by_layer.get(parts[1], 0.0) + s.relative_error / 7
-        by_proj[parts[-1]] = by_proj.get(parts[-1], 0.0) + s.relative_error / embedder.loaded.model.config.num_hidden_layers
+        by_layer.setdefault(parts[1], []).append(s.relative_error)
+        by_proj.setdefault(parts[-1], []).append(s.relative_error)
     result = {
         "model": embedder.loaded.source, "quant_type": args.quant_type, "split": args.split, "texts": len(cset.rows),
         "modules": [{"name": s.name, "relative_error": s.relative_error, "weights": s.weights} for s in sens],
-        "mean_error_by_layer": by_layer, "mean_error_by_projection": by_proj,
+        "mean_error_by_layer": {k: sum(v) / len(v) for k, v in by_layer.items()},
+        "mean_error_by_projection": {k: sum(v) / len(v) for k, v in by_proj.items()},
         "plans": [{"fraction": f, "overrides": list(p)} for f, p in zip(fractions, plans)],
     }
     write_json_atomic(args.output, result)
@@ -260,18 +261,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from .atomic import write_json_atomic
-    from .calibration import load_calibration_set
-    from .evaluation import default_reference_path
-    from .reference import read_reference
     from .repair import RepairConfig, repaired_drift, train_repair_adapter
     from .results import mode_label
 
     config = runtime_config(args)
     if config.quant not in ("int8", "nf4", "fp4"):
         raise LowmemError(f"--quant {config.quant} needs no repair; expected a quantised mode: int8, nf4, fp4")
-    reference = read_reference(args.reference or default_reference_path(config.model))
-    cset = load_calibration_set(args.set)
-    reference.check_set(cset)
+    reference, cset = _reference_and_set(args, config)
     tune = cset.select("tune", max_chars=args.max_chars)
     heldout = cset.select("heldout", max_chars=args.max_chars)
     output = args.output or Path("calibration/adapters") / f"repair-{mode_label(config.quant, config.double_quant)}"

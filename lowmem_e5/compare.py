@@ -86,10 +86,11 @@ def markdown_table(records: list[dict]) -> str:
     front = set(pareto_front(points))
     lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |",
              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-    for i, r in enumerate(sorted(records, key=lambda r: -r["memory"]["weight_bytes"]["total"])):
+    for i in sorted(range(len(records)), key=lambda i: -points[i][0]):
+        r = records[i]
         q, b = r["quality"], r["memory"]["weight_bytes"]["total"]
         ratio = f"{b / int8_bytes:.2f}" if int8_bytes else "-"
-        on_front = "*" if records.index(r) in front else ""
+        on_front = "*" if i in front else ""
         lines.append(f"| {r['run']['label']} | {b:,} | {ratio} | {q['mean_cosine']:.4f} | {q['p5_cosine']:.4f} | "
                      f"{q['min_cosine']:.4f} | {q['top10_overlap']:.3f} | {q['spearman']:.4f} | {on_front} |")
     return "\n".join(lines)

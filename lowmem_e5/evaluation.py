@@ -13,7 +13,7 @@ from .config import FULL_PRECISION_DTYPES, RuntimeConfig
 from .drift import DriftReport, measure_drift
 from .encoder import Embedder
 from .loading import load_model, resolve_model_source
-from .reference import Reference, embed_calibration, write_reference
+from .reference import Reference, embed_calibration, encode_calibration, write_reference
 from .results import mode_label, result_record, slug
 
 REFERENCE_DIR = CALIBRATION_DIR / "references"
@@ -65,9 +65,9 @@ def drift_run(config: RuntimeConfig, reference: Reference, cset: CalibrationSet,
     embedder = embedder or Embedder(load_model(config))
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
-    vectors = embed_calibration(embedder, cset, adapter=adapter)
+    vectors, stats = encode_calibration(embedder, cset, adapter=adapter)
     seconds = time.perf_counter() - t0
-    tokens = sum(embedder.tokenize([r.text for r in cset.rows]).lengths)
+    tokens = stats.real_tokens
     report = measure_drift(vectors, reference_rows(reference, cset), cset)
     record = result_record(
         run={"mode": mode_label(config.quant, config.double_quant, plan), "config": config.to_dict(),

@@ -6,6 +6,7 @@ computed from the model folder (not the loaded, possibly quantised, object) so e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -16,8 +17,14 @@ FULL_HASH_LIMIT = 2 << 30  # files above 2 GiB are hashed by size, header and bo
 
 
 def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _cached_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_digest(path: str, size: int, _mtime_ns: int) -> str:
+    """Keyed by size and mtime, so every drift run of a compare grid does not re-read the same weights."""
     h = hashlib.sha256()
-    size = path.stat().st_size
     with open(path, "rb") as f:
         if size <= FULL_HASH_LIMIT:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -112,22 +112,31 @@ PLAN_MODES = [("fp16", False), ("bf16", False), ("int8", False), ("nf4", False),
               ("fp4", True)]
 
 
-def plan_table(config, cards_gib=CARDS_GIB, compute_dtype: str = "float16", reserve: int = DEFAULT_RESERVE) -> list[dict]:
+def card_sizes(cards_gib=CARDS_GIB) -> dict[str, int]:
+    return {f"{g}GiB": g * GIB for g in cards_gib}
+
+
+def plan_table(config, cards: dict[str, int] | None = None, compute_dtype: str = "float16",
+               reserve: int = DEFAULT_RESERVE) -> list[dict]:
+    """Per mode: weight bytes and, per card (label -> bytes), the largest token budget beside them."""
+    cards = card_sizes() if cards is None else cards
     model = meta_model(config)
     rows = []
     for quant, dq in PLAN_MODES:
         w = plan_weights(model, quant, dq, compute_dtype)
         rows.append({"mode": w.mode, "weight_bytes": w.total, "linear_bytes": w.linear, "other_bytes": w.other,
-                     "max_token_budget": {f"{g}GiB": max_token_budget(g * GIB, w, config, compute_dtype, reserve)
-                                          for g in cards_gib}})
+                     "max_token_budget": {label: max_token_budget(size, w, config, compute_dtype, reserve)
+                                          for label, size in cards.items()}})
     return rows
 
 
-def format_plan(rows: list[dict], cards_gib=CARDS_GIB) -> str:
-    head = "| mode | weight bytes | GiB | " + " | ".join(f"{g} GiB card: tokens/batch" for g in cards_gib) + " |"
-    lines = [head, "|" + "---|" * (3 + len(cards_gib))]
+def format_plan(rows: list[dict], card_labels: list[str] | None = None) -> str:
+    card_labels = list(card_sizes()) if card_labels is None else card_labels
+    head = "| mode | weight bytes | GiB | " + " | ".join(
+        f"{label.removesuffix('GiB')} GiB card: tokens/batch" for label in card_labels) + " |"
+    lines = [head, "|" + "---|" * (3 + len(card_labels))]
     for r in rows:
-        fits = [f"{r['max_token_budget'][f'{g}GiB']:,}" if r["max_token_budget"][f"{g}GiB"] else "does not fit"
-                for g in cards_gib]
+        fits = [f"{r['max_token_budget'][label]:,}" if r["max_token_budget"][label] else "does not fit"
+                for label in card_labels]
         lines.append(f"| {r['mode']} | {r['weight_bytes']:,} | {r['weight_bytes'] / GIB:.2f} | " + " | ".join(fits) + " |")
     return "\n".join(lines)

@@ -11,21 +11,19 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import CalibrationSet
-from .encoder import Embedder
+from .encoder import Embedder, EncodeStats
 from .errors import InputError
 from .fingerprint import model_fingerprint, same_model
 
 
+def encode_calibration(embedder: Embedder, cset: CalibrationSet,
+                       adapter: str | None = None) -> tuple[np.ndarray, EncodeStats]:
+    """(n, hidden) fp32 in set order (queries with their task's instruction, documents plain), and the stats."""
+    return embedder.encode(cset.model_texts(), adapter=adapter)
+
+
 def embed_calibration(embedder: Embedder, cset: CalibrationSet, adapter: str | None = None) -> np.ndarray:
-    """(n, hidden) fp32 in set order: queries with their task's instruction, documents plain."""
-    out = np.empty((len(cset.rows), embedder.dim), dtype=np.float32)
-    groups: dict[str | None, list[int]] = {}
-    for i, row in enumerate(cset.rows):
-        groups.setdefault(row.task if row.kind == "query" else None, []).append(i)
-    for task, idx in groups.items():
-        texts = [cset.rows[i].text for i in idx]
-        out[idx] = embedder.encode(texts, task=task, adapter=adapter)[0]
-    return out
+    return encode_calibration(embedder, cset, adapter)[0]
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from .calibration import CalibrationSet
 from .config import RuntimeConfig
 from .encoder import Embedder
 from .evaluation import drift_run, reference_rows
-from .instructions import format_query, task_instruction
-from .loading import load_model
+from .loading import load_model, resolve_model_source
 from .pooling import last_token_pool
 from .reference import Reference
 from .tokenization import pad_rows
@@ -54,10 +53,6 @@ class RepairConfig:
             raise ValueError(f"loss={self.loss!r} is not valid; expected one of: cosine, mse")
 
 
-def _model_texts(cset: CalibrationSet) -> list[str]:
-    return [format_query(r.text, task_instruction(r.task)) if r.kind == "query" else r.text for r in cset.rows]
-
-
 def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: CalibrationSet, rc: RepairConfig,
                          output: Path, progress: bool = True) -> dict:
     """Train on `tune`, save the adapter to `output` (atomically); returns the training log."""
@@ -65,11 +60,11 @@ def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: Cali
 
     torch.manual_seed(rc.seed)
     config = config.replace(max_length=reference.max_length)
-    reference.check_model(load_source(config))
+    reference.check_model(resolve_model_source(config.model)[0])
     embedder = Embedder(load_model(config))
     model = get_peft_model(embedder.loaded.model, LoraConfig(r=rc.rank, lora_alpha=rc.alpha, lora_dropout=0.0,
                                                              target_modules=list(rc.targets)))
-    rows = embedder.tokenize(_model_texts(tune)).rows  # E5 rows: [BOS] + text + [EOS]
+    rows = embedder.tokenize(tune.model_texts()).rows  # E5 rows: [BOS] + text + [EOS]
     targets = torch.from_numpy(reference_rows(reference, tune))  # (n, H) fp32, unit norm
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rc.lr, weight_decay=0.0)
@@ -84,7 +79,7 @@ def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: Cali
     gen = torch.Generator().manual_seed(rc.seed)
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=rc.epochs * steps_per_epoch, desc="repair", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, desc="repair", unit="step", disable=not progress)
     for _ in range(rc.epochs):
         order = torch.randperm(len(rows), generator=gen).tolist()
         for start in range(0, len(order), rc.batch_size):
@@ -118,12 +113,6 @@ def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: Cali
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return log
-
-
-def load_source(config: RuntimeConfig) -> str:
-    from .loading import resolve_model_source
-
-    return resolve_model_source(config.model)[0]
 
 
 def repaired_drift(config: RuntimeConfig, reference: Reference, heldout: CalibrationSet, adapter: Path) -> dict:

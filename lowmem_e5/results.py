@@ -22,10 +22,9 @@ def slug(text: str) -> str:
 
 
 def environment() -> dict:
-    env = {"python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "packages": package_versions()}
-    return env
+    return {"python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "packages": package_versions()}
 
 
 def result_record(*, run: dict, quality: dict | None = None, memory: dict | None = None,

@@ -1,7 +1,7 @@
 """Drift gates per mode, in one place: a mode whose drift passes these is fit to ship on the default model.
 
 Measured on the default small model (SmolLM2-135M as MistralModel), calibration set v1, held-out split, texts up to
-600 characters, max_length 512, CPU fp32 compute (see README "Drift gates" for the run and the command); each gate
+600 characters (all under 512 tokens, so max_length does not cut them), CPU fp32 compute (see README "Drift gates" for the run and the command); each gate
 sits below the measured value by a margin for library and machine noise. Double quantisation shares its base
 mode's gate. They bind the small model only: a 7B model drifts less, and gets its own gates once measured.
 """

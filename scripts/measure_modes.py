@@ -9,7 +9,6 @@ machine noise hits every mode alike; times are reported as ratios to fp32's medi
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,13 +24,10 @@ from lowmem_e5 import Embedder, RuntimeConfig, __version__, load_model  # noqa: 
 from lowmem_e5.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.environment import package_versions  # noqa: E402
 from lowmem_e5.pooling import rowwise_cosine  # noqa: E402
+from lowmem_e5.results import mode_label  # noqa: E402
 
 MODES = [("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False), ("nf4", True),
          ("fp4", False), ("fp4", True)]
-
-
-def label(mode: str, dq: bool) -> str:
-    return f"{mode}+dq" if dq else mode
 
 
 def main() -> None:
@@ -42,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     texts = (ROOT / "tests/data/sample_docs.txt").read_text().splitlines() * args.copies
-    embedders = {label(m, dq): Embedder(load_model(RuntimeConfig(quant=m, double_quant=dq, max_length=512)))
+    embedders = {mode_label(m, dq): Embedder(load_model(RuntimeConfig(quant=m, double_quant=dq, max_length=512)))
                  for m, dq in MODES}
     times: dict[str, list[float]] = {k: [] for k in embedders}
     vectors = {}
