@@ -96,6 +96,7 @@ class AdapterSet:
         self.base_is_quantized = base_is_quantized
         self._adapters: dict[str, AdapterInfo] = {}
         self.active: str | None = None
+        self.version = 0  # bumped whenever the set of weights changes (load, delete, merge)
 
     @property
     def names(self) -> list[str]:
@@ -126,6 +127,7 @@ class AdapterSet:
         info = AdapterInfo(name=name, folder=str(folder), rank=int(config.get("r", 0)),
                            target_modules=tuple(config.get("target_modules") or ()), bytes=added)
         self._adapters[name] = info
+        self.version += 1
         self.deactivate()  # a newly loaded adapter is never silently active
         return info
 
@@ -144,6 +146,7 @@ class AdapterSet:
         self._require(name)
         self.model.delete_adapter(name)
         del self._adapters[name]
+        self.version += 1
         if self.active == name:
             self.deactivate()  # peft would switch to another adapter; we fall back to the base
 
@@ -156,5 +159,6 @@ class AdapterSet:
         merged = self.model.merge_and_unload(adapter_names=[name])
         self._adapters.clear()
         self.active = None
+        self.version += 1
         self.model = merged
         return merged

@@ -27,6 +27,8 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-truncate", dest="truncate", action="store_false", default=None,
                    help="refuse texts longer than max length instead of truncating them")
     g.add_argument("--padding-side", choices=PADDING_SIDES)
+    g.add_argument("--no-prefix-cache", dest="cache_query_prefix", action="store_false", default=None,
+                   help="run every query's instruction again instead of reusing its cached keys/values")
 
 
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -39,7 +41,8 @@ def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
         except json.JSONDecodeError as exc:
             raise LowmemError(f"config file {str(args.config)!r} is not valid JSON: {exc}") from None
     overrides = {k: getattr(args, k) for k in ("model", "quant", "double_quant", "compute_dtype", "device",
-                                                "max_length", "token_budget", "truncate", "padding_side")}
+                                                "max_length", "token_budget", "truncate", "padding_side",
+                                                "cache_query_prefix")}
     return base.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 

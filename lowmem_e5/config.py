@@ -56,6 +56,7 @@ class RuntimeConfig:
     token_budget: int = 16384  # padded tokens per forward batch; halved on out-of-memory
     truncate: bool = True  # False: a text longer than max_length is an error
     padding_side: PaddingSide = "right"  # pooling and positions are correct with either
+    cache_query_prefix: bool = True  # run each instruction prefix once and reuse its keys/values for all queries
     # Mixed precision: "module=format" entries over the base quant, e.g. "layers.0.mlp.down_proj=int8" keeps one
     # Linear in 8-bit under nf4, "=full" keeps it unquantised, "embed_tokens=int8" quantises the token embedding.
     overrides: tuple[str, ...] = ()
@@ -87,6 +88,8 @@ class RuntimeConfig:
         if not isinstance(self.truncate, bool):
             raise ValueError(f"truncate={self.truncate!r} is not valid; expected true or false")
         _check_choice("padding_side", self.padding_side, PADDING_SIDES)
+        if not isinstance(self.cache_query_prefix, bool):
+            raise ValueError(f"cache_query_prefix={self.cache_query_prefix!r} is not valid; expected true or false")
         if not isinstance(self.overrides, tuple):
             object.__setattr__(self, "overrides", tuple(self.overrides))  # lists from JSON
         if self.overrides and self.quant in FULL_PRECISION_DTYPES:

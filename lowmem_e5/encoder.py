@@ -16,6 +16,8 @@ from .errors import InputError, OutOfMemoryError
 from .instructions import format_query, task_instruction
 from .loading import LoadedModel
 from .pooling import l2_normalize, last_token_pool
+from .prefix_cache import (PrefixState, PrefixStore, compute_prefix_state, prefix_batch_inputs, reading_cache,
+                           shared_prefix_ids, split_rows)
 from .tokenization import SpecialIds, TokenizedTexts, pad_rows, tokenize
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class EncodeStats:
     padded_tokens: int = 0
     n_batches: int = 0
     oom_retries: int = 0
+    prefix_reused_tokens: int = 0  # instruction tokens not run again thanks to the prefix cache
+
 
     def merge(self, other: EncodeStats, offset: int = 0) -> None:
         self.n_texts += other.n_texts
@@ -50,6 +54,7 @@ class EncodeStats:
         self.padded_tokens += other.padded_tokens
         self.n_batches += other.n_batches
         self.oom_retries += other.oom_retries
+        self.prefix_reused_tokens += other.prefix_reused_tokens
 
 
 def resolve_instruction(task: str | None, instruction: str | None) -> str:
@@ -71,6 +76,8 @@ class Embedder:
         self.special = SpecialIds.from_tokenizer(loaded.tokenizer)
         self.token_budget = self.config.token_budget
         self.adapters = AdapterSet(loaded.model, base_is_quantized=self.config.quant in ("int8", "nf4", "fp4"))
+        self.prefixes = PrefixStore()
+        self.plan = plan_batches  # (lengths, token_budget) -> batches of indices
 
     @property
     def model(self) -> torch.nn.Module:
@@ -114,12 +121,28 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         stats = EncodeStats(n_texts=len(texts), n_truncated=len(tok.truncated), truncated=list(tok.truncated),
                             real_tokens=sum(lengths))
-        queue = deque(plan_batches(lengths, self.token_budget))
+        # Queries of one instruction share its prefix: rows that start with it run only their own tokens.
+        prefix, rows = None, tok.rows
+        if (query or task or instruction) and self.config.cache_query_prefix and row_adapters is None:
+            prefix_ids = shared_prefix_ids(self.loaded.tokenizer, self.special, resolve_instruction(task, instruction))
+            suffixes = split_rows(tok.rows, prefix_ids)
+            cached = [i for i, s in enumerate(suffixes) if s is not None]
+            if cached:
+                prefix = self._prefix_state(prefix_ids)
+                rows = [s if s is not None else r for s, r in zip(suffixes, tok.rows)]
+        groups = [[i for i in range(len(texts)) if rows[i] is not tok.rows[i]],  # through the prefix cache
+                  [i for i in range(len(texts)) if rows[i] is tok.rows[i]]]  # whole rows
+        queue = deque((b, k == 0) for k, group in enumerate(groups) if group
+                      for b in plan_batches_subset(group, lengths, self.token_budget, self.plan))
         while queue:
-            batch = queue.popleft()
+            batch, via_prefix = queue.popleft()
             try:
                 names = [row_adapters[i] for i in batch] if row_adapters is not None else None
-                vectors = self._forward([tok.rows[i] for i in batch], names)
+                batch_rows = [rows[i] for i in batch]
+                if via_prefix:
+                    vectors = self._forward(batch_rows, names, prefix=prefix)
+                else:
+                    vectors = self._forward(batch_rows, names)
             except torch.OutOfMemoryError:
                 if len(batch) == 1:
                     raise OutOfMemoryError(
@@ -130,11 +153,14 @@ class Embedder:
                 self.token_budget = max(1, min(self.token_budget, padded_tokens(batch, lengths)) // 2)
                 stats.oom_retries += 1
                 log.warning("out of memory on a batch of %d rows; token budget halved to %d", len(batch), self.token_budget)
-                queue.extendleft(reversed(plan_batches_subset(batch, lengths, self.token_budget)))
+                queue.extendleft(reversed([(b, via_prefix) for b in
+                                           plan_batches_subset(batch, lengths, self.token_budget, self.plan)]))
                 continue
             out[batch] = vectors
             stats.n_batches += 1
             stats.padded_tokens += padded_tokens(batch, lengths)
+            if via_prefix:
+                stats.prefix_reused_tokens += len(batch) * prefix.length
             if on_batch is not None:
                 on_batch(len(batch))
         return out, stats
@@ -174,14 +200,27 @@ class Embedder:
             self.adapters.activate(adapter)
         return None
 
-    def _forward(self, rows: list[list[int]], adapter_names: list[str] | None = None) -> np.ndarray:
+    def _prefix_state(self, prefix_ids: tuple[int, ...]) -> PrefixState:
+        """The prefix's keys/values under the current adapter state, computed on first use."""
+        key = (prefix_ids, self.adapters.active, self.adapters.version)
+        return self.prefixes.get(key, lambda: compute_prefix_state(self.model, prefix_ids, self.loaded.device))
+
+    def _forward(self, rows: list[list[int]], adapter_names: list[str] | None = None,
+                 prefix: PrefixState | None = None) -> np.ndarray:
+        """Unit vectors of whole rows, or of rows that continue a cached prefix (rows then hold only the rest)."""
         ids, mask, positions = pad_rows(rows, self.special.pad, self.config.padding_side)  # each (B, T)
         device = self.loaded.device
         extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+        full_mask = mask
+        if prefix is not None:
+            full_mask, positions = prefix_batch_inputs(mask, prefix.length)  # (B, P + T), (B, T)
+            extra.update(cache=reading_cache(prefix), use_cache=True)
+        else:
+            extra["use_cache"] = False
         with torch.inference_mode():
             hidden = self.model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                use_cache=False, **extra,
+                input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device),
+                **extra,
             ).last_hidden_state  # (B, T, H)
             pooled = l2_normalize(last_token_pool(hidden, mask))  # (B, H) fp32
         if not bool(torch.isfinite(pooled).all()):
@@ -196,7 +235,8 @@ class Embedder:
             torch.cuda.empty_cache()
 
 
-def plan_batches_subset(batch: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Re-plan the rows of one failed batch under a smaller budget (indices stay global)."""
-    sub = plan_batches([lengths[i] for i in batch], token_budget)
+def plan_batches_subset(batch: list[int], lengths: list[int], token_budget: int,
+                        plan=plan_batches) -> list[list[int]]:
+    """Plan batches over some of the texts (a group, or the rows of a failed batch); indices stay global."""
+    sub = plan([lengths[i] for i in batch], token_budget)
     return [[batch[j] for j in b] for b in sub]

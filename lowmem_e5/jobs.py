@@ -64,6 +64,7 @@ def job_identity(spec: JobSpec, embedder: Embedder) -> dict:
         digest.update(b"\0")
     config = embedder.config.to_dict()
     config.pop("token_budget")  # batching does not change the vectors
+    config.pop("cache_query_prefix", None)  # nor does reusing the instruction prefix (beyond float rounding)
     identity = {
         "texts_sha256": digest.hexdigest(),
         "n_texts": len(spec.texts),

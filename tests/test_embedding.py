@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
+from lowmem_e5.batching import plan_batches
 from lowmem_e5.errors import InputError, OutOfMemoryError
 from lowmem_e5.instructions import TASK_INSTRUCTIONS, format_query
 from lowmem_e5.pooling import rowwise_cosine
@@ -14,12 +15,15 @@ from lowmem_e5.pooling import rowwise_cosine
 from .conftest import MIXED_TEXTS
 
 
-def with_config(embedder: Embedder, **changes) -> Embedder:
-    """Same loaded weights, other runtime settings."""
+def with_config(embedder: Embedder, few_batches: bool = False, **changes) -> Embedder:
+    """Same loaded weights, other runtime settings; few_batches: batches as large as the budget allows."""
     loaded = embedder.loaded
     clone = type(loaded)(model=loaded.model, tokenizer=loaded.tokenizer, config=loaded.config.replace(**changes),
                          source=loaded.source, device=loaded.device, weight_bytes=loaded.weight_bytes)
-    return Embedder(clone)
+    e = Embedder(clone)
+    if few_batches:  # a per-batch cost above any padding: the planner then only cuts where the budget forces it
+        e.plan = lambda lengths, budget: plan_batches(lengths, budget, batch_cost=10**9)
+    return e
 
 
 @pytest.mark.parametrize("which", ["tiny_embedder", "real_fp32"])
@@ -27,7 +31,7 @@ def test_same_text_same_vector_alone_batched_padded_either_side_and_shuffled(whi
     embedder = request.getfixturevalue(which)
     alone = np.stack([embedder.encode([t])[0][0] for t in MIXED_TEXTS])
     for side in ("left", "right"):
-        e = with_config(embedder, padding_side=side, token_budget=100_000)
+        e = with_config(embedder, few_batches=True, padding_side=side, token_budget=100_000)
         batched, stats = e.encode(MIXED_TEXTS)
         assert stats.n_batches == 1 and stats.padded_tokens > stats.real_tokens  # really one mixed-length batch
         assert rowwise_cosine(batched, alone).min() >= 0.9999
@@ -86,7 +90,7 @@ def test_bad_texts_are_named(tiny_embedder, bad, message):
 
 
 def test_out_of_memory_halves_the_budget_and_retries(tiny_embedder, monkeypatch):
-    e = with_config(tiny_embedder, token_budget=100_000)
+    e = with_config(tiny_embedder, few_batches=True, token_budget=100_000)
     expected = e.encode(MIXED_TEXTS)[0]
     real_forward = e._forward
     seen_sizes = []
