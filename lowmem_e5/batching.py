@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 # Fixed cost of one forward call, in tokens of compute: on the small model on the 2-core CPU a call costs as much as
-# 33-50 more tokens in a bigger batch (`python scripts/bench.py`, "forward_fixed_cost"); a GPU re-reads all weights
+# about 45 more tokens in a bigger batch (`python scripts/bench.py`, "forward_fixed_cost"); a GPU re-reads all weights
 # per call, so short batches cost it relatively more.
 BATCH_COST_TOKENS = 40
 

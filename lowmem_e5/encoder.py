@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,8 +16,15 @@ from .errors import InputError, OutOfMemoryError
 from .instructions import format_query, task_instruction
 from .loading import LoadedModel
 from .pooling import l2_normalize, last_token_pool
-from .prefix_cache import (PrefixState, PrefixStore, compute_prefix_state, prefix_batch_inputs, reading_cache,
-                           shared_prefix_ids, split_rows)
+from .prefix_cache import (
+    PrefixState,
+    PrefixStore,
+    compute_prefix_state,
+    prefix_batch_inputs,
+    reading_cache,
+    shared_prefix_ids,
+    split_rows,
+)
 from .tokenization import SpecialIds, TokenizedTexts, pad_rows, tokenize
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,6 @@ class EncodeStats:
     n_batches: int = 0
     oom_retries: int = 0
     prefix_reused_tokens: int = 0  # instruction tokens not run again thanks to the prefix cache
-
 
     def merge(self, other: EncodeStats, offset: int = 0) -> None:
         self.n_texts += other.n_texts
@@ -122,27 +128,24 @@ class Embedder:
         stats = EncodeStats(n_texts=len(texts), n_truncated=len(tok.truncated), truncated=list(tok.truncated),
                             real_tokens=sum(lengths))
         # Queries of one instruction share its prefix: rows that start with it run only their own tokens.
-        prefix, rows = None, tok.rows
+        prefix, rows, via_prefix = None, tok.rows, [False] * len(texts)
         if (query or task or instruction) and self.config.cache_query_prefix and row_adapters is None:
             prefix_ids = shared_prefix_ids(self.loaded.tokenizer, self.special, resolve_instruction(task, instruction))
             suffixes = split_rows(tok.rows, prefix_ids)
-            cached = [i for i, s in enumerate(suffixes) if s is not None]
-            if cached:
+            via_prefix = [s is not None for s in suffixes]
+            if any(via_prefix):
                 prefix = self._prefix_state(prefix_ids)
                 rows = [s if s is not None else r for s, r in zip(suffixes, tok.rows)]
-        groups = [[i for i in range(len(texts)) if rows[i] is not tok.rows[i]],  # through the prefix cache
-                  [i for i in range(len(texts)) if rows[i] is tok.rows[i]]]  # whole rows
-        queue = deque((b, k == 0) for k, group in enumerate(groups) if group
-                      for b in plan_batches_subset(group, lengths, self.token_budget, self.plan))
+        queue = deque()  # (batch, whether it runs against the cached prefix); batches never mix the two
+        for cached in (True, False):
+            group = [i for i in range(len(texts)) if via_prefix[i] == cached]
+            if group:
+                queue.extend((b, cached) for b in plan_batches_subset(group, lengths, self.token_budget, self.plan))
         while queue:
-            batch, via_prefix = queue.popleft()
+            batch, cached = queue.popleft()
             try:
                 names = [row_adapters[i] for i in batch] if row_adapters is not None else None
-                batch_rows = [rows[i] for i in batch]
-                if via_prefix:
-                    vectors = self._forward(batch_rows, names, prefix=prefix)
-                else:
-                    vectors = self._forward(batch_rows, names)
+                vectors = self._forward([rows[i] for i in batch], names, prefix if cached else None)
             except torch.OutOfMemoryError:
                 if len(batch) == 1:
                     raise OutOfMemoryError(
@@ -153,13 +156,13 @@ class Embedder:
                 self.token_budget = max(1, min(self.token_budget, padded_tokens(batch, lengths)) // 2)
                 stats.oom_retries += 1
                 log.warning("out of memory on a batch of %d rows; token budget halved to %d", len(batch), self.token_budget)
-                queue.extendleft(reversed([(b, via_prefix) for b in
+                queue.extendleft(reversed([(b, cached) for b in
                                            plan_batches_subset(batch, lengths, self.token_budget, self.plan)]))
                 continue
             out[batch] = vectors
             stats.n_batches += 1
             stats.padded_tokens += padded_tokens(batch, lengths)
-            if via_prefix:
+            if cached:
                 stats.prefix_reused_tokens += len(batch) * prefix.length
             if on_batch is not None:
                 on_batch(len(batch))

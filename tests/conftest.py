@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
+from lowmem_e5.batching import plan_batches
 from lowmem_e5.default_model import ensure_default_model
 
 DATA = Path(__file__).parent / "data"
@@ -22,6 +23,11 @@ MIXED_TEXTS = [
     "Le chat dort sur le canapé depuis ce matin.",
     "3.14159 is an approximation of pi; e is about 2.71828.",
 ]
+
+
+def fill_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Batches as large as the budget allows (a per-batch cost above any padding): to test mixed-length batches."""
+    return plan_batches(lengths, token_budget, batch_cost=10**9)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from lowmem_e5.adapters import AdapterError
 from lowmem_e5.memory import weight_bytes
 from lowmem_e5.pooling import rowwise_cosine
 
-from .conftest import MIXED_TEXTS, train_test_adapter
+from .conftest import MIXED_TEXTS, fill_batches, train_test_adapter
 
 TEXTS = MIXED_TEXTS[:5]
 
@@ -55,6 +55,7 @@ def test_a_mixed_batch_gives_each_row_its_adapters_vector(tiny_model_dir, tiny_a
         e.load_adapter(name, tiny_adapters[name])
     choice = ["A", None, "B", "A", None]
     alone = np.stack([e.encode([t], adapter=c)[0][0] for t, c in zip(TEXTS, choice)])
+    e.plan = fill_batches
     mixed, stats = e.encode(TEXTS, adapter=choice)
     assert stats.n_batches == 1
     assert rowwise_cosine(mixed, alone).min() >= 0.9999

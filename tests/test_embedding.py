@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.batching import plan_batches
 from lowmem_e5.errors import InputError, OutOfMemoryError
 from lowmem_e5.instructions import TASK_INSTRUCTIONS, format_query
 from lowmem_e5.pooling import rowwise_cosine
 
-from .conftest import MIXED_TEXTS
+from .conftest import MIXED_TEXTS, fill_batches
 
 
 def with_config(embedder: Embedder, few_batches: bool = False, **changes) -> Embedder:
@@ -22,7 +21,7 @@ def with_config(embedder: Embedder, few_batches: bool = False, **changes) -> Emb
                          source=loaded.source, device=loaded.device, weight_bytes=loaded.weight_bytes)
     e = Embedder(clone)
     if few_batches:  # a per-batch cost above any padding: the planner then only cuts where the budget forces it
-        e.plan = lambda lengths, budget: plan_batches(lengths, budget, batch_cost=10**9)
+        e.plan = fill_batches
     return e
 
 
@@ -95,7 +94,7 @@ def test_out_of_memory_halves_the_budget_and_retries(tiny_embedder, monkeypatch)
     real_forward = e._forward
     seen_sizes = []
 
-    def forward_that_runs_out_above_200_tokens(rows, adapter_names=None):
+    def forward_that_runs_out_above_200_tokens(rows, adapter_names=None, prefix=None):
         # Stand-in for the CUDA allocator failing: the CPU has no memory limit to hit.
         size = len(rows) * max(len(r) for r in rows)
         seen_sizes.append(size)
@@ -113,7 +112,7 @@ def test_out_of_memory_halves_the_budget_and_retries(tiny_embedder, monkeypatch)
 def test_a_row_that_does_not_fit_alone_is_a_clear_error(tiny_embedder, monkeypatch):
     e = with_config(tiny_embedder)
 
-    def always_out_of_memory(rows, adapter_names=None):
+    def always_out_of_memory(rows, adapter_names=None, prefix=None):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(e, "_forward", always_out_of_memory)

@@ -11,6 +11,8 @@ from lowmem_e5.instructions import TASK_INSTRUCTIONS, format_query
 from lowmem_e5.pooling import rowwise_cosine
 from lowmem_e5.prefix_cache import PrefixStore, shared_prefix_ids, split_rows
 
+from .conftest import fill_batches
+
 QUERIES = ["what is the capital of france", "how do I sort a list in python", "x", "why is the sky blue",
            "symptoms of flu in adults over sixty who also have asthma and a history of pneumonia", "ok?"]
 
@@ -115,3 +117,23 @@ def test_prefix_store_keeps_the_most_recent_entries():
         store.get((key,), lambda k=key: made.append(k) or torch.zeros(1))
     assert made == ["a", "b", "c", "b"]  # "b" was evicted by "c" (least recently used), "a" was kept
     assert len(store) == 2 and store.hits == 1
+
+
+def test_out_of_memory_on_a_cached_batch_re_splits_it_and_keeps_the_prefix(real_fp32, monkeypatch):
+    e = Embedder(real_fp32.loaded)  # its own budget, which the simulated failures lower
+    e.plan = fill_batches  # one batch while it fits
+    expected = with_prefix_cache(Embedder(real_fp32.loaded), False).encode(QUERIES, task="MSMARCO")[0]
+    real_forward = e._forward
+    seen = []
+
+    def forward_that_runs_out_above_two_rows(rows, adapter_names=None, prefix=None):
+        seen.append((len(rows), prefix is not None))
+        if len(rows) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(rows, adapter_names, prefix)
+
+    monkeypatch.setattr(e, "_forward", forward_that_runs_out_above_two_rows)
+    got, stats = e.encode(QUERIES, task="MSMARCO")
+    assert stats.oom_retries >= 1 and all(via_prefix for _, via_prefix in seen)
+    assert stats.prefix_reused_tokens > 0
+    assert rowwise_cosine(got, expected).min() >= 0.9999
