@@ -27,6 +27,8 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-truncate", dest="truncate", action="store_false", default=None,
                    help="refuse texts longer than max length instead of truncating them")
     g.add_argument("--padding-side", choices=PADDING_SIDES)
+    g.add_argument("--int8-threshold", type=float,
+                   help="LLM.int8() outlier threshold (default 6.0); 0: no outlier columns, batch-invariant vectors")
     g.add_argument("--no-prefix-cache", dest="cache_query_prefix", action="store_false", default=None,
                    help="run every query's instruction again instead of reusing its cached keys/values")
 
@@ -42,7 +44,7 @@ def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
             raise LowmemError(f"config file {str(args.config)!r} is not valid JSON: {exc}") from None
     overrides = {k: getattr(args, k) for k in ("model", "quant", "double_quant", "compute_dtype", "device",
                                                 "max_length", "token_budget", "truncate", "padding_side",
-                                                "cache_query_prefix")}
+                                                "cache_query_prefix", "int8_threshold")}
     return base.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 

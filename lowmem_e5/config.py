@@ -57,6 +57,10 @@ class RuntimeConfig:
     truncate: bool = True  # False: a text longer than max_length is an error
     padding_side: PaddingSide = "right"  # pooling and positions are correct with either
     cache_query_prefix: bool = True  # run each instruction prefix once and reuse its keys/values for all queries
+    # LLM.int8() outlier threshold of 8-bit layers (transformers' default 6.0). Outlier columns are chosen over the
+    # whole batch, so int8 vectors move with their batch neighbours; 0 turns the decomposition off: every token is
+    # quantised on its own and a text gets the same vector in any batch.
+    int8_threshold: float = 6.0
     # Mixed precision: "module=format" entries over the base quant, e.g. "layers.0.mlp.down_proj=int8" keeps one
     # Linear in 8-bit under nf4, "=full" keeps it unquantised, "embed_tokens=int8" quantises the token embedding.
     overrides: tuple[str, ...] = ()
@@ -88,6 +92,10 @@ class RuntimeConfig:
         if not isinstance(self.truncate, bool):
             raise ValueError(f"truncate={self.truncate!r} is not valid; expected true or false")
         _check_choice("padding_side", self.padding_side, PADDING_SIDES)
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) \
+                or not self.int8_threshold >= 0:
+            raise ValueError(f"int8_threshold={self.int8_threshold!r} is not valid; expected a number >= 0 "
+                             "(6.0: LLM.int8() outlier decomposition, 0: none, batch-invariant vectors)")
         if not isinstance(self.cache_query_prefix, bool):
             raise ValueError(f"cache_query_prefix={self.cache_query_prefix!r} is not valid; expected true or false")
         if not isinstance(self.overrides, tuple):

@@ -76,7 +76,7 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
     if config.overrides:
         from .precision_plans import apply_overrides
 
-        apply_overrides(model, config.override_map(), device, plan.dtype)
+        apply_overrides(model, config.override_map(), device, plan.dtype, config.int8_threshold)
     keep_4bit_layout_stable(model)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source, device=device,

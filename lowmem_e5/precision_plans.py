@@ -30,11 +30,11 @@ def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def to_int8_linear(linear: torch.nn.Linear, device: str) -> torch.nn.Module:
+def to_int8_linear(linear: torch.nn.Linear, device: str, threshold: float = 6.0) -> torch.nn.Module:
     import bitsandbytes as bnb
 
     q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            has_fp16_weights=False, threshold=6.0)  # transformers' default
+                            has_fp16_weights=False, threshold=threshold)  # 6.0: transformers' default
     q.weight = bnb.nn.Int8Params(linear.weight.data.float().cpu().half(), requires_grad=False, has_fp16_weights=False)
     if linear.bias is not None:
         q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -74,7 +74,8 @@ class _CastEmbedding(torch.nn.Module):
         return self.inner(ids).to(self.dtype)
 
 
-def apply_overrides(model: torch.nn.Module, overrides: dict[str, str], device: str, dtype: torch.dtype) -> None:
+def apply_overrides(model: torch.nn.Module, overrides: dict[str, str], device: str, dtype: torch.dtype,
+                    int8_threshold: float = 6.0) -> None:
     """After loading (override Linears were skipped by the 4-bit conversion, so they arrive in full precision)."""
     for name, fmt in overrides.items():
         module = _module(model, name)
@@ -83,7 +84,7 @@ def apply_overrides(model: torch.nn.Module, overrides: dict[str, str], device: s
         elif fmt == "int8":
             if not isinstance(module, torch.nn.Linear):
                 raise ValueError(f"override module {name!r} is {type(module).__name__}; expected a Linear")
-            _set_module(model, name, to_int8_linear(module, device))
+            _set_module(model, name, to_int8_linear(module, device, int8_threshold))
 
 
 # --- sensitivity -------------------------------------------------------------------------------------------

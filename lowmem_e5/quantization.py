@@ -29,8 +29,8 @@ def load_plan(config: RuntimeConfig) -> LoadPlan:
     skip = [name for name in config.override_map() if name != "embed_tokens"] or None
     if config.quant == "int8":
         # Norms and the token embedding stay in the compute dtype; Linear layers become Linear8bitLt.
-        return LoadPlan(dtype=compute, quantization_config=BitsAndBytesConfig(load_in_8bit=True,
-                                                                              llm_int8_skip_modules=skip))
+        return LoadPlan(dtype=compute, quantization_config=BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=float(config.int8_threshold), llm_int8_skip_modules=skip))
     return LoadPlan(
         dtype=compute,
         quantization_config=BitsAndBytesConfig(

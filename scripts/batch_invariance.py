@@ -6,7 +6,8 @@
 Retrieval needs a document's vector not to depend on what it was batched with. Each of the first n calibration
 documents is encoded alone and inside one batch with all of them (padded to the longest); the table gives the
 cosine between the two. LLM.int8() (bitsandbytes int8) picks its outlier columns over all tokens of the batch,
-padding included, so its vectors can depend on the neighbours; the other modes only differ by float rounding.
+padding included, so its vectors can depend on the neighbours (int8-t0: threshold 0, no outlier columns); the
+other modes only differ by float rounding.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from lowmem_e5.batching import plan_batches
 from lowmem_e5.calibration import load_calibration_set
 from lowmem_e5.pooling import rowwise_cosine
 
-MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "int8": ("int8", False), "nf4": ("nf4", False),
-         "nf4+dq": ("nf4", True)}
+MODES = {"fp32": {"quant": "fp32"}, "bf16": {"quant": "bf16"}, "int8": {"quant": "int8"},
+         "int8-t0": {"quant": "int8", "int8_threshold": 0.0}, "nf4": {"quant": "nf4"},
+         "nf4+dq": {"quant": "nf4", "double_quant": True}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", default="fp32,bf16,int8,nf4")
+    ap.add_argument("--modes", default="fp32,bf16,int8,int8-t0,nf4")
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--out", type=Path, default=ROOT / "calibration/results/batch_invariance.json")
     args = ap.parse_args()
@@ -41,8 +43,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         if mode not in MODES:
             sys.exit(f"--modes: unknown mode {mode!r}; expected some of: {', '.join(MODES)}")
-        quant, dq = MODES[mode]
-        e = Embedder(load_model(RuntimeConfig(quant=quant, double_quant=dq, max_length=512, token_budget=10**6)))
+        e = Embedder(load_model(RuntimeConfig(**MODES[mode], max_length=512, token_budget=10**6)))
         e.plan = lambda lengths, budget: plan_batches(lengths, budget, batch_cost=10**9)  # one batch for all
         batched, stats = e.encode(docs)
         assert stats.n_batches == 1

@@ -27,6 +27,8 @@ def test_defaults_are_valid_and_round_trip_through_json():
         ("padding_side", "middle", "left, right"),
         ("model", " ", "hub id"),
         ("truncate", "yes", "true or false"),
+        ("cache_query_prefix", 1, "true or false"),
+        ("int8_threshold", -1.0, ">= 0"),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_the_valid_set(field, value, expected_in_message):

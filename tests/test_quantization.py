@@ -11,7 +11,7 @@ from lowmem_e5 import Embedder, RuntimeConfig, load_model
 from lowmem_e5.memory import quantized_linear_count
 from lowmem_e5.pooling import rowwise_cosine
 
-from .conftest import MIXED_TEXTS
+from .conftest import MIXED_TEXTS, fill_batches
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
@@ -93,3 +93,19 @@ def test_half_precision_modes_hold_half_the_fp32_bytes(real_model_dir, real_fp32
     assert loaded.weight_bytes.total * 2 == real_fp32.loaded.weight_bytes.total
     vectors = Embedder(loaded).encode(MIXED_TEXTS[:3])[0]
     assert rowwise_cosine(vectors, reference[:3]).min() > 0.98
+
+
+def test_int8_outlier_threshold_sets_batch_dependence(real_model_dir):
+    """LLM.int8() picks outlier columns over the whole batch: with threshold 0 a text's vector no longer depends
+    on what it is batched with; the default threshold reaches the layers too."""
+    default = load_model(RuntimeConfig(model=str(real_model_dir), quant="int8", max_length=512))
+    assert {m.state.threshold for m in default.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)} == {6.0}
+    e = Embedder(load_model(RuntimeConfig(model=str(real_model_dir), quant="int8", int8_threshold=0.0,
+                                          max_length=512)))
+    layers = [m for m in e.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert layers and all(m.state.threshold == 0.0 for m in layers)
+    e.plan = fill_batches
+    batched, stats = e.encode(MIXED_TEXTS)
+    assert stats.n_batches == 1 and stats.padded_tokens > stats.real_tokens
+    alone = np.concatenate([e.encode([t])[0] for t in MIXED_TEXTS])
+    assert rowwise_cosine(alone, batched).min() >= 0.9999
