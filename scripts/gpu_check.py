@@ -5,7 +5,8 @@ device (no download: bytes and FLOPs do not depend on the values), measured besi
     python scripts/gpu_check.py --tiny --device cpu  # the same code on a 2-layer config, for CI
 
 Records per mode: exact weight bytes (and the planner's), peak memory for a 512-token and a 4096-token batch
-(and the planner's activation estimate), tokens/s at a few token budgets. One JSON under calibration/results/.
+(and the planner's activation estimate), tokens/s at a few token budgets, and the query prefix cache's speedup
+(64 queries of 12 tokens after a 24-token instruction, whole rows vs the cached prefix). One JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 from lowmem_e5.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.memory import weight_bytes  # noqa: E402
 from lowmem_e5.planner import activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights  # noqa: E402
+from lowmem_e5.pooling import l2_normalize, last_token_pool, rowwise_cosine  # noqa: E402
 from lowmem_e5.precision_plans import to_int8_linear  # noqa: E402
+from lowmem_e5.prefix_cache import compute_prefix_state, prefix_batch_inputs, reading_cache  # noqa: E402
 from lowmem_e5.results import environment  # noqa: E402
 from lowmem_e5.tokenization import pad_rows  # noqa: E402
 
@@ -103,6 +106,47 @@ def tokens_per_second(model, budget: int, seq_len: int, device: str, repeats: in
     return rows * seq_len * repeats / (time.perf_counter() - t0)
 
 
+def _synced(fn, device: str, repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats, out
+
+
+def prefix_cache_speedup(model, device: str, repeats: int, queries: int = 64, prefix_len: int = 24,
+                         query_len: int = 12) -> dict:
+    """Whole instructed rows against the same rows run after the cached instruction prefix."""
+    prefix = tuple([1] + [7 + j % 900 for j in range(prefix_len - 1)])
+    suffixes = [[11 + (i * 13 + j) % 900 for j in range(query_len - 1)] + [2] for i in range(queries)]
+    ids, mask, pos = pad_rows([list(prefix) + s for s in suffixes], 2, "right")
+    s_ids, s_mask, _ = pad_rows(suffixes, 2, "right")
+    state = compute_prefix_state(model, prefix, device)
+    full_mask, s_pos = prefix_batch_inputs(s_mask, len(prefix))
+
+    def whole():
+        with torch.inference_mode():
+            h = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                      use_cache=False).last_hidden_state
+        return l2_normalize(last_token_pool(h, mask))
+
+    def cached():
+        with torch.inference_mode():
+            h = model(input_ids=s_ids.to(device), attention_mask=full_mask.to(device), position_ids=s_pos.to(device),
+                      cache=reading_cache(state), use_cache=True).last_hidden_state
+        return l2_normalize(last_token_pool(h, s_mask))
+
+    t_whole, a = _synced(whole, device, repeats)
+    t_cached, b = _synced(cached, device, repeats)
+    return {"queries": queries, "prefix_tokens": prefix_len, "query_tokens": query_len,
+            "seconds_whole": t_whole, "seconds_cached": t_cached, "speedup": t_whole / t_cached,
+            "cosine_min": float(rowwise_cosine(a.cpu().numpy(), b.cpu().numpy()).min())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +176,7 @@ def main() -> None:
             row["planned_activation_bytes"][key] = activation_bytes_per_token(config, dtype_name) * batch_rows * seq_len
         for budget in budgets:
             row["tokens_per_second"][str(budget)] = tokens_per_second(model, budget, 512, args.device, args.repeats)
+        row["prefix_cache"] = prefix_cache_speedup(model, args.device, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
@@ -142,13 +187,15 @@ def main() -> None:
                       "e5-mistral-7b (random weights)", "device": args.device},
               "modes": rows, "environment": environment()}
     write_json_atomic(args.out, result)
-    print("| mode | weight bytes (measured) | planned | peak 8x512 | peak 1x4096 | tokens/s @ budgets |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| mode | weight bytes (measured) | planned | peak 8x512 | peak 1x4096 | tokens/s @ budgets "
+          "| prefix cache speedup (cos min) |")
+    print("|---|---:|---:|---:|---:|---|---|")
     for r in rows:
         peaks = [r["peak_activation_bytes"][k] for k in ("8x512", "1x4096")]
         tps = ", ".join(f"{b}: {v:,.0f}" for b, v in r["tokens_per_second"].items())
         print(f"| {r['mode']} | {r['weight_bytes']:,} | {r['planned_weight_bytes']:,} | "
-              + " | ".join("-" if p is None else f"{p:,}" for p in peaks) + f" | {tps} |")
+              + " | ".join("-" if p is None else f"{p:,}" for p in peaks) + f" | {tps} "
+              + f"| {r['prefix_cache']['speedup']:.2f}x ({r['prefix_cache']['cosine_min']:.4f}) |")
 
 
 if __name__ == "__main__":

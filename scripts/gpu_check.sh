@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One prepared run for a session that is lent the GPU machine (under 8 minutes): install, check, measure.
-#   bash scripts/gpu_check.sh            -> calibration/results/gpu_check.json and a table on stdout
+# One prepared run for a session that is lent the GPU machine (under 8 minutes), where nothing can be fetched.
+#   here:        bash scripts/gpu_wheels.sh                       (once: .whl/ with bitsandbytes + transformers)
+#   device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   -> $OUT/gpu_check.json (or calibration/results/gpu_check.json without $OUT) and a table on stdout
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -d .venv-gpu ]; then
-  python3 -m venv .venv-gpu
-  . .venv-gpu/bin/activate
-  pip install --quiet --upgrade pip
-  pip install --quiet torch            # the CUDA build on the GPU machine
-  pip install --quiet -e .
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
 else
-  . .venv-gpu/bin/activate
+  export PYTHONPATH="$PWD"  # a machine that already has the packages (pip install -e . there)
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python -m lowmem_e5 env | head -40
-timeout 420 python scripts/gpu_check.py --budgets 4096,16384,65536 --repeats 3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 -c "import torch, transformers, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'cuda', torch.cuda.is_available())"
+out_dir="${OUT:-calibration/results}"
+timeout 420 python3 scripts/gpu_check.py --budgets 4096,16384,65536 --repeats 3 --out "$out_dir/gpu_check.json"

@@ -24,3 +24,4 @@ def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(t
         if m["mode"] != "fp16":  # on CPU the "fp16" build computes in fp32, so the planner's 16-bit bytes differ
             assert m["weight_bytes"] == m["planned_weight_bytes"], m
         assert m["tokens_per_second"]["1024"] > 0
+        assert m["prefix_cache"]["cosine_min"] >= 0.999 and m["prefix_cache"]["speedup"] > 0
