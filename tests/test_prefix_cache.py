@@ -71,9 +71,8 @@ def test_rows_split_after_the_shared_tokens_only_where_they_match(real_fp32):
 
 
 def test_a_query_that_does_not_start_with_the_prefix_runs_whole(real_fp32, monkeypatch):
-    e = with_prefix_cache(real_fp32, True)
     expected = with_prefix_cache(real_fp32, False).encode(QUERIES[:3], task="NQ")[0]
-    e.config = e.config.replace(cache_query_prefix=True)
+    e = with_prefix_cache(real_fp32, True)
     import lowmem_e5.encoder as encoder_module
 
     real_split = encoder_module.split_rows
