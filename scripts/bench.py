@@ -118,8 +118,9 @@ class SentenceTransformers:
         self.tokenizer = tok
 
     def token_ids(self, texts, prompt: str = "") -> list[list[int]]:
-        """The ids sentence-transformers feeds the model (to check both engines see the same rows)."""
-        return self.tokenizer([self.bos + prompt + t + self.eos for t in texts])["input_ids"]
+        """The ids sentence-transformers' own preprocessing feeds the model, padding stripped."""
+        features = self.model.preprocess([self.bos + prompt + t + self.eos for t in texts])
+        return [ids[mask.bool()].tolist() for ids, mask in zip(features["input_ids"], features["attention_mask"])]
 
     def documents(self, texts):
         return self.model.encode([self.bos + t + self.eos for t in texts], batch_size=ST_BATCH_SIZE)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lowmem_e5.instructions import query_prefix, task_instruction
 from lowmem_e5.pooling import rowwise_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,9 @@ def test_both_engines_embed_the_same_tokens_to_the_same_vectors(bench, engines):
     assert st.token_ids(docs) == ours.embedder.tokenize(docs).rows
     assert rowwise_cosine(ours.documents(docs)[0], st.documents(docs)).min() >= 0.999
     queries = [("capital of france", "MSMARCO"), ("who wrote hamlet", "NQ"), ("sort a list", "MSMARCO")]
+    prompt = query_prefix(task_instruction("NQ"))
+    assert st.token_ids(["who wrote hamlet"], prompt=prompt) == ours.embedder.tokenize(["who wrote hamlet"],
+                                                                                        task="NQ").rows
     assert rowwise_cosine(ours.queries(queries), st.queries(queries)).min() >= 0.999
     # sentence-transformers pads its 32-row batches: never less than the real tokens
     assert bench.st_padded_tokens(st, docs) >= sum(ours.embedder.tokenize(docs).lengths)
