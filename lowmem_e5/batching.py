@@ -28,7 +28,7 @@ def plan_batches(lengths: list[int], token_budget: int, batch_cost: int = BATCH_
         raise ValueError(f"token_budget={token_budget} is not valid; expected an integer >= 1")
     if batch_cost < 0:
         raise ValueError(f"batch_cost={batch_cost} is not valid; expected an integer >= 0")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = longest_first(lengths)
     n = len(order)
     if n == 0:
         return []
@@ -52,11 +52,16 @@ def plan_batches(lengths: list[int], token_budget: int, batch_cost: int = BATCH_
     return batches[::-1]
 
 
+def longest_first(lengths: list[int]) -> list[int]:
+    """Text indices by descending length, ties in input order."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
 def padded_tokens(batch: list[int], lengths: list[int]) -> int:
     return len(batch) * max(lengths[i] for i in batch)
 
 
 def fixed_size_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """What fixed-size batching does (length-sorted, as sentence-transformers): for comparisons only."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = longest_first(lengths)
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

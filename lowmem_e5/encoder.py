@@ -216,7 +216,7 @@ class Embedder:
         extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
         full_mask = mask
         if prefix is not None:
-            full_mask, positions = prefix_batch_inputs(mask, prefix.length)  # (B, P + T), (B, T)
+            full_mask, positions = prefix_batch_inputs(mask, positions, prefix.length)  # (B, P + T), (B, T)
             extra.update(cache=reading_cache(prefix), use_cache=True)
         else:
             extra["use_cache"] = False

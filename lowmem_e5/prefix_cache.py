@@ -11,6 +11,7 @@ stores nothing, so a cached batch holds no more memory than the same rows run wh
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,10 +51,6 @@ class PrefixState:
     def length(self) -> int:
         return int(self.keys[0].shape[-2])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
 
 def compute_prefix_state(model: torch.nn.Module, prefix: tuple[int, ...], device: str) -> PrefixState:
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
@@ -64,11 +61,12 @@ def compute_prefix_state(model: torch.nn.Module, prefix: tuple[int, ...], device
     return PrefixState(keys=tuple(layer.keys for layer in layers), values=tuple(layer.values for layer in layers))
 
 
-def reading_cache(state: PrefixState):
-    """A transformers Cache whose layers serve the prefix to one batch and keep nothing of the batch."""
-    from transformers.cache_utils import Cache, DynamicLayer
+@functools.cache
+def _read_only_prefix_layer():
+    """The cache layer class, made once (transformers is imported on first use, as everywhere in the package)."""
+    from transformers.cache_utils import DynamicLayer
 
-    class _ReadOnlyPrefixLayer(DynamicLayer):
+    class ReadOnlyPrefixLayer(DynamicLayer):
         def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
             super().__init__()
             self.keys, self.values = keys, values
@@ -81,15 +79,23 @@ def reading_cache(state: PrefixState):
             values = torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2)
             return keys, values
 
-    return Cache(layers=[_ReadOnlyPrefixLayer(k, v) for k, v in zip(state.keys, state.values)])
+    return ReadOnlyPrefixLayer
 
 
-def prefix_batch_inputs(suffix_mask: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention_mask over prefix + suffix, position ids of the suffix tokens continuing after the prefix)."""
+def reading_cache(state: PrefixState):
+    """A transformers Cache whose layers serve the prefix to one batch and keep nothing of the batch."""
+    from transformers.cache_utils import Cache
+
+    layer = _read_only_prefix_layer()
+    return Cache(layers=[layer(k, v) for k, v in zip(state.keys, state.values)])
+
+
+def prefix_batch_inputs(suffix_mask: torch.Tensor, suffix_positions: torch.Tensor,
+                        prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask over prefix + suffix, the suffix's positions moved on past the prefix), from pad_rows'."""
     batch = suffix_mask.shape[0]
     mask = torch.cat([torch.ones((batch, prefix_len), dtype=suffix_mask.dtype), suffix_mask], dim=1)
-    positions = prefix_len + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return mask, positions
+    return mask, suffix_positions + prefix_len
 
 
 class PrefixStore:

@@ -42,6 +42,7 @@ from lowmem_e5.environment import package_versions
 from lowmem_e5.instructions import query_prefix, task_instruction
 from lowmem_e5.pooling import rowwise_cosine
 from lowmem_e5.quantization import load_plan
+from lowmem_e5.timing import alternate, timed
 
 MODES = {"fp32": ("fp32", False), "fp16": ("fp16", False), "bf16": ("bf16", False), "int8": ("int8", False),
          "nf4": ("nf4", False), "nf4+dq": ("nf4", True), "fp4": ("fp4", False)}
@@ -69,6 +70,11 @@ def runtime_config(mode: str, **changes) -> RuntimeConfig:
     return RuntimeConfig(quant=quant, double_quant=dq, max_length=MAX_LENGTH, **changes)
 
 
+def by_task(queries: list[tuple[str, str]]) -> list[tuple[str, list[int]]]:
+    """(task, indices of its queries), tasks sorted: both engines encode one task per call, like their users."""
+    return [(task, [i for i, (_, t) in enumerate(queries) if t == task]) for task in sorted({t for _, t in queries})]
+
+
 class Ours:
     name = "lowmem_e5"
 
@@ -82,8 +88,7 @@ class Ours:
         e = self.embedder
         e.config = e.config.replace(cache_query_prefix=cache)
         out = np.empty((len(queries), e.dim), dtype=np.float32)
-        for task in sorted({t for _, t in queries}):
-            idx = [i for i, (_, t) in enumerate(queries) if t == task]
+        for task, idx in by_task(queries):
             out[idx] = e.encode([queries[i][0] for i in idx], task=task)[0]
         return out
 
@@ -127,8 +132,7 @@ class SentenceTransformers:
 
     def queries(self, queries):
         out = np.empty((len(queries), self.model.get_embedding_dimension()), dtype=np.float32)
-        for task in sorted({t for _, t in queries}):
-            idx = [i for i, (_, t) in enumerate(queries) if t == task]
+        for task, idx in by_task(queries):
             out[idx] = self.model.encode([queries[i][0] + self.eos for i in idx], batch_size=ST_BATCH_SIZE,
                                          prompt=self.bos + query_prefix(task_instruction(task)))
         return out
@@ -140,23 +144,6 @@ def st_padded_tokens(st: SentenceTransformers, texts: list[str]) -> int:
     order = np.argsort([-len(st.bos + t + st.eos) for t in texts], kind="stable")
     return sum(len(b) * max(len(ids[i]) for i in b)
                for b in (order[s:s + ST_BATCH_SIZE] for s in range(0, len(texts), ST_BATCH_SIZE)))
-
-
-# --- timing ------------------------------------------------------------------------------------------------
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def alternate(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Time each named run `repeats` times, rotating the order every round so noise hits all alike."""
-    names = list(runs)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            times[n].append(timed(runs[n])[1])
-    return times
 
 
 def bench_mode(mode: str, work: dict, repeats: int) -> dict:

@@ -93,20 +93,8 @@ def peak_for(model, batch_rows, seq_len, device) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
-def tokens_per_second(model, budget: int, seq_len: int, device: str, repeats: int) -> float:
-    rows = max(1, budget // seq_len)
-    forward(model, rows, seq_len, device)  # warm-up
-    if device != "cpu":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        forward(model, rows, seq_len, device)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return rows * seq_len * repeats / (time.perf_counter() - t0)
-
-
-def _synced(fn, device: str, repeats: int) -> tuple[float, torch.Tensor]:
+def _synced(fn, device: str, repeats: int):
+    """(mean seconds per call after one warm-up call, the last call's result), GPU work included."""
     out = fn()  # warm-up
     if device != "cpu":
         torch.cuda.synchronize()
@@ -118,15 +106,21 @@ def _synced(fn, device: str, repeats: int) -> tuple[float, torch.Tensor]:
     return (time.perf_counter() - t0) / repeats, out
 
 
+def tokens_per_second(model, budget: int, seq_len: int, device: str, repeats: int) -> float:
+    rows = max(1, budget // seq_len)
+    seconds, _ = _synced(lambda: forward(model, rows, seq_len, device), device, repeats)
+    return rows * seq_len / seconds
+
+
 def prefix_cache_speedup(model, device: str, repeats: int, queries: int = 64, prefix_len: int = 24,
                          query_len: int = 12) -> dict:
     """Whole instructed rows against the same rows run after the cached instruction prefix."""
     prefix = tuple([1] + [7 + j % 900 for j in range(prefix_len - 1)])
     suffixes = [[11 + (i * 13 + j) % 900 for j in range(query_len - 1)] + [2] for i in range(queries)]
     ids, mask, pos = pad_rows([list(prefix) + s for s in suffixes], 2, "right")
-    s_ids, s_mask, _ = pad_rows(suffixes, 2, "right")
+    s_ids, s_mask, s_pos = pad_rows(suffixes, 2, "right")
     state = compute_prefix_state(model, prefix, device)
-    full_mask, s_pos = prefix_batch_inputs(s_mask, len(prefix))
+    full_mask, s_pos = prefix_batch_inputs(s_mask, s_pos, len(prefix))
 
     def whole():
         with torch.inference_mode():

@@ -12,7 +12,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from lowmem_e5.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.environment import package_versions  # noqa: E402
 from lowmem_e5.pooling import rowwise_cosine  # noqa: E402
 from lowmem_e5.results import mode_label  # noqa: E402
+from lowmem_e5.timing import alternate  # noqa: E402
 
 MODES = [("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False), ("nf4", True),
          ("fp4", False), ("fp4", True)]
@@ -40,16 +40,10 @@ def main() -> None:
     texts = (ROOT / "tests/data/sample_docs.txt").read_text().splitlines() * args.copies
     embedders = {mode_label(m, dq): Embedder(load_model(RuntimeConfig(quant=m, double_quant=dq, max_length=512)))
                  for m, dq in MODES}
-    times: dict[str, list[float]] = {k: [] for k in embedders}
     vectors = {}
     for k, e in embedders.items():  # warm-up, and the vectors for a quick cosine to fp32
         vectors[k] = e.encode(texts)[0]
-    order = list(embedders)
-    for r in range(args.repeats):
-        for k in order[r % len(order):] + order[: r % len(order)]:
-            t0 = time.perf_counter()
-            embedders[k].encode(texts)
-            times[k].append(time.perf_counter() - t0)
+    times = alternate({k: (lambda e=e: e.encode(texts)) for k, e in embedders.items()}, args.repeats)
     base_time = statistics.median(times["fp32"])
     base_bytes = embedders["fp32"].loaded.weight_bytes.total
     rows = []
