@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .config import RuntimeConfig
-from .encoder import Embedder, EncodeStats
-from .instructions import TASK_INSTRUCTIONS, format_document, format_query
-from .loading import LoadedModel, load_model
+from .runtime import bnb_notices  # noqa: F401  (first: filters bitsandbytes' notices before anything imports it)
+from .runtime.config import RuntimeConfig
+from .runtime.encoder import Embedder, EncodeStats
+from .runtime.instructions import TASK_INSTRUCTIONS, format_document, format_query
+from .runtime.loading import LoadedModel, load_model
 
 __version__ = "0.1.0"
 

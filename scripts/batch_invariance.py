@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.atomic import write_json_atomic
-from lowmem_e5.batching import plan_batches
-from lowmem_e5.calibration import load_calibration_set
-from lowmem_e5.pooling import rowwise_cosine
+from lowmem_e5.jobs.atomic import write_json_atomic
+from lowmem_e5.quality.calibration import load_calibration_set
+from lowmem_e5.runtime.batching import plan_batches
+from lowmem_e5.runtime.pooling import rowwise_cosine
 
 MODES = {"fp32": {"quant": "fp32"}, "bf16": {"quant": "bf16"}, "int8": {"quant": "int8"},
          "int8-t0": {"quant": "int8", "int8_threshold": 0.0}, "nf4": {"quant": "nf4"},

@@ -35,13 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lowmem_e5 import Embedder, RuntimeConfig, __version__, load_model
-from lowmem_e5.atomic import write_json_atomic
-from lowmem_e5.batching import fixed_size_batches, padded_tokens, plan_batches
-from lowmem_e5.calibration import load_calibration_set
 from lowmem_e5.environment import package_versions
-from lowmem_e5.instructions import query_prefix, task_instruction
-from lowmem_e5.pooling import rowwise_cosine
-from lowmem_e5.quantization import load_plan
+from lowmem_e5.jobs.atomic import write_json_atomic
+from lowmem_e5.quality.calibration import load_calibration_set
+from lowmem_e5.runtime.batching import fixed_size_batches, padded_tokens, plan_batches
+from lowmem_e5.runtime.instructions import query_prefix, task_instruction
+from lowmem_e5.runtime.pooling import rowwise_cosine
+from lowmem_e5.runtime.quantization import load_plan
 from lowmem_e5.timing import alternate, timed
 
 MODES = {"fp32": ("fp32", False), "fp16": ("fp16", False), "bf16": ("bf16", False), "int8": ("int8", False),
@@ -102,7 +102,7 @@ class SentenceTransformers:
         from sentence_transformers.base.modules.transformer import Transformer
         from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
-        from lowmem_e5.loading import resolve_model_source
+        from lowmem_e5.runtime.sources import resolve_model_source
 
         config = runtime_config(mode)
         source, _ = resolve_model_source(config.model)

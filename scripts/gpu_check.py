@@ -23,14 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lowmem_e5.atomic import write_json_atomic  # noqa: E402
-from lowmem_e5.memory import weight_bytes  # noqa: E402
-from lowmem_e5.planner import activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights  # noqa: E402
-from lowmem_e5.pooling import l2_normalize, last_token_pool, rowwise_cosine  # noqa: E402
-from lowmem_e5.precision_plans import to_int8_linear  # noqa: E402
-from lowmem_e5.prefix_cache import compute_prefix_state, prefix_batch_inputs, reading_cache  # noqa: E402
+from lowmem_e5.jobs.atomic import write_json_atomic  # noqa: E402
+from lowmem_e5.quality.planner import activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights  # noqa: E402
 from lowmem_e5.results import environment  # noqa: E402
-from lowmem_e5.tokenization import pad_rows  # noqa: E402
+from lowmem_e5.runtime.memory import weight_bytes  # noqa: E402
+from lowmem_e5.runtime.overrides import to_int8_linear  # noqa: E402
+from lowmem_e5.runtime.pooling import l2_normalize, last_token_pool, rowwise_cosine  # noqa: E402
+from lowmem_e5.runtime.prefix_cache import compute_prefix_state, prefix_batch_inputs, reading_cache  # noqa: E402
+from lowmem_e5.runtime.tokenization import pad_rows  # noqa: E402
 
 MODES = [("fp16", False), ("int8", False), ("nf4", False), ("nf4", True)]
 
@@ -68,7 +68,7 @@ def build(config, quant: str, double_quant: bool, device: str, dtype) -> torch.n
                     setattr(module, child_name, new)
         model = model.to(device)
     if device == "cpu":
-        from lowmem_e5.loading import keep_4bit_layout_stable
+        from lowmem_e5.runtime.loading import keep_4bit_layout_stable
 
         keep_4bit_layout_stable(model)
     return model.eval()

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lowmem_e5 import Embedder, RuntimeConfig, __version__, load_model  # noqa: E402
-from lowmem_e5.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.environment import package_versions  # noqa: E402
-from lowmem_e5.pooling import rowwise_cosine  # noqa: E402
+from lowmem_e5.jobs.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.results import mode_label  # noqa: E402
+from lowmem_e5.runtime.pooling import rowwise_cosine  # noqa: E402
 from lowmem_e5.timing import alternate  # noqa: E402
 
 MODES = [("fp32", False), ("fp16", False), ("bf16", False), ("int8", False), ("nf4", False), ("nf4", True),

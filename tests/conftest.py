@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.batching import plan_batches
 from lowmem_e5.default_model import ensure_default_model
+from lowmem_e5.runtime.batching import plan_batches
 
 DATA = Path(__file__).parent / "data"
 
@@ -78,8 +78,8 @@ def train_test_adapter(base_dir: Path, out_dir: Path, seed: int, targets=("q_pro
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel, AutoTokenizer
 
-    from lowmem_e5.pooling import last_token_pool
-    from lowmem_e5.tokenization import pad_rows, tokenize
+    from lowmem_e5.runtime.pooling import last_token_pool
+    from lowmem_e5.runtime.tokenization import pad_rows, tokenize
 
     torch.manual_seed(seed)
     base = AutoModel.from_pretrained(base_dir, dtype=torch.float32)

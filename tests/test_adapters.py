@@ -8,9 +8,9 @@ import pytest
 from safetensors import safe_open
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.adapters import AdapterError
-from lowmem_e5.memory import weight_bytes
-from lowmem_e5.pooling import rowwise_cosine
+from lowmem_e5.runtime.adapters import AdapterError
+from lowmem_e5.runtime.memory import weight_bytes
+from lowmem_e5.runtime.pooling import rowwise_cosine
 
 from .conftest import MIXED_TEXTS, fill_batches, train_test_adapter
 

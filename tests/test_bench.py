@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_e5.instructions import query_prefix, task_instruction
-from lowmem_e5.pooling import rowwise_cosine
+from lowmem_e5.runtime.instructions import query_prefix, task_instruction
+from lowmem_e5.runtime.pooling import rowwise_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("sentence_transformers")

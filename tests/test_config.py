@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lowmem_e5.config import QUANT_MODES, RuntimeConfig
+from lowmem_e5.runtime.config import QUANT_MODES, RuntimeConfig
 
 
 def test_defaults_are_valid_and_round_trip_through_json():

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import lowmem_e5.encoder as encoder_module
+import lowmem_e5.runtime.encoder as encoder_module
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.calibration import load_calibration_set
 from lowmem_e5.errors import InputError
-from lowmem_e5.evaluation import drift_run
-from lowmem_e5.pooling import last_token_indices
-from lowmem_e5.reference import embed_calibration, read_reference, write_reference
-from lowmem_e5.thresholds import DRIFT_GATES, gate_failures
+from lowmem_e5.quality.calibration import load_calibration_set
+from lowmem_e5.quality.evaluation import drift_run
+from lowmem_e5.quality.reference import embed_calibration, read_reference, write_reference
+from lowmem_e5.quality.thresholds import DRIFT_GATES, gate_failures
+from lowmem_e5.runtime.pooling import last_token_indices
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_a_wrong_pooling_index_fails_the_drift_check(reference, subset, real_fp3
 
 
 def test_drift_cli_writes_a_result_record_and_checks_the_gate(reference, tmp_path, real_model_dir, subset):
-    from lowmem_e5.reference import write_reference as write
+    from lowmem_e5.quality.reference import write_reference as write
 
     ref_path = tmp_path / "ref.safetensors"
     write(ref_path, reference.embeddings, subset, str(real_model_dir), "fp32", 512)

@@ -8,8 +8,8 @@ import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
 from lowmem_e5.errors import InputError, OutOfMemoryError
-from lowmem_e5.instructions import TASK_INSTRUCTIONS, format_query
-from lowmem_e5.pooling import rowwise_cosine
+from lowmem_e5.runtime.instructions import TASK_INSTRUCTIONS, format_query
+from lowmem_e5.runtime.pooling import rowwise_cosine
 
 from .conftest import MIXED_TEXTS, fill_batches
 

@@ -3,8 +3,8 @@
 import pytest
 
 from lowmem_e5.errors import InputError, ModelSourceError, OutputError
-from lowmem_e5.inputs import check_output_path, read_texts
-from lowmem_e5.loading import resolve_model_source
+from lowmem_e5.jobs.inputs import check_output_path, read_texts
+from lowmem_e5.runtime.sources import resolve_model_source
 
 
 def write(tmp_path, name, data: bytes):

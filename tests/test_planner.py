@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoConfig
 
 from lowmem_e5 import RuntimeConfig, load_model
-from lowmem_e5.planner import (e5_mistral_config, max_token_budget, meta_model, plan_table, plan_weights)
+from lowmem_e5.quality.planner import e5_mistral_config, max_token_budget, meta_model, plan_table, plan_weights
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowmem_e5.batching import (
-    BATCH_COST_TOKENS,
-    fixed_size_batches,
-    padded_tokens,
-    plan_batches,
-)
-from lowmem_e5.pooling import (
-    cosine_matrix,
-    last_token_indices,
-    last_token_pool,
-    rowwise_cosine,
-)
+from lowmem_e5.runtime.batching import BATCH_COST_TOKENS, fixed_size_batches, padded_tokens, plan_batches
+from lowmem_e5.runtime.pooling import cosine_matrix, last_token_indices, last_token_pool, rowwise_cosine
 
 
 def test_last_token_index_from_the_mask_for_left_right_and_mixed_padding():

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.calibration import load_calibration_set
-from lowmem_e5.compare import GridEntry, markdown_table, pareto_front, plot, run_grid
-from lowmem_e5.precision_plans import greedy_plans, linear_sensitivity
-from lowmem_e5.reference import embed_calibration, read_reference, write_reference
-from lowmem_e5.tokenization import pad_rows
+from lowmem_e5.quality.calibration import load_calibration_set
+from lowmem_e5.quality.compare import GridEntry, markdown_table, pareto_front, plot, run_grid
+from lowmem_e5.quality.precision_plans import greedy_plans, linear_sensitivity
+from lowmem_e5.quality.reference import embed_calibration, read_reference, write_reference
+from lowmem_e5.runtime.tokenization import pad_rows
 
 
 @pytest.mark.parametrize("entry, message", [

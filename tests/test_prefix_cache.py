@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.instructions import TASK_INSTRUCTIONS, format_query
-from lowmem_e5.pooling import rowwise_cosine
-from lowmem_e5.prefix_cache import PrefixStore, shared_prefix_ids, split_rows
+from lowmem_e5.runtime.instructions import TASK_INSTRUCTIONS, format_query
+from lowmem_e5.runtime.pooling import rowwise_cosine
+from lowmem_e5.runtime.prefix_cache import PrefixStore, shared_prefix_ids, split_rows
 
 from .conftest import fill_batches
 
@@ -73,7 +73,7 @@ def test_rows_split_after_the_shared_tokens_only_where_they_match(real_fp32):
 def test_a_query_that_does_not_start_with_the_prefix_runs_whole(real_fp32, monkeypatch):
     expected = with_prefix_cache(real_fp32, False).encode(QUERIES[:3], task="NQ")[0]
     e = with_prefix_cache(real_fp32, True)
-    import lowmem_e5.encoder as encoder_module
+    import lowmem_e5.runtime.encoder as encoder_module
 
     real_split = encoder_module.split_rows
     monkeypatch.setattr(encoder_module, "split_rows", lambda rows, prefix: [None] + real_split(rows, prefix)[1:])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.memory import quantized_linear_count
-from lowmem_e5.pooling import rowwise_cosine
+from lowmem_e5.runtime.memory import quantized_linear_count
+from lowmem_e5.runtime.pooling import rowwise_cosine
 
 from .conftest import MIXED_TEXTS, fill_batches
 

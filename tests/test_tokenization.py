@@ -6,7 +6,7 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from lowmem_e5.errors import TextTooLongError
-from lowmem_e5.tokenization import pad_rows, tokenize
+from lowmem_e5.runtime.tokenization import pad_rows, tokenize
 
 from .conftest import MIXED_TEXTS
 

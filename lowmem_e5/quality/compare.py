@@ -6,12 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_bytes_atomic, write_json_atomic
+from ..jobs.atomic import write_bytes_atomic, write_json_atomic
+from ..results import slug
+from ..runtime.config import RuntimeConfig
 from .calibration import CalibrationSet
-from .config import RuntimeConfig
 from .evaluation import drift_run
 from .reference import Reference
-from .results import slug
 
 
 @dataclass(frozen=True)

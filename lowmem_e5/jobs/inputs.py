@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, OutputError
+from ..errors import InputError, OutputError
 
 INPUT_SUFFIXES = (".txt", ".jsonl")
 

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..runtime.config import RuntimeConfig
+from ..runtime.encoder import Embedder
+from ..runtime.loading import load_model
+from ..runtime.pooling import last_token_pool
+from ..runtime.sources import resolve_model_source
+from ..runtime.tokenization import pad_rows
 from .calibration import CalibrationSet
-from .config import RuntimeConfig
-from .encoder import Embedder
 from .evaluation import drift_run, reference_rows
-from .loading import load_model, resolve_model_source
-from .pooling import last_token_pool
 from .reference import Reference
-from .tokenization import pad_rows
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

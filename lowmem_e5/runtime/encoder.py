@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import InputError, OutOfMemoryError
 from .adapters import BASE, AdapterInfo, AdapterSet
 from .batching import padded_tokens, plan_batches
-from .errors import InputError, OutOfMemoryError
 from .instructions import format_query, task_instruction
 from .loading import LoadedModel
 from .pooling import l2_normalize, last_token_pool
@@ -28,17 +28,6 @@ from .prefix_cache import (
 from .tokenization import SpecialIds, TokenizedTexts, pad_rows, tokenize
 
 log = logging.getLogger(__name__)
-
-
-
-class _DropInt8CastNotice(logging.Filter):
-    """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: expected, not actionable."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNotice())
 
 
 @dataclass

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..results import mode_label, result_record, slug
+from ..runtime.config import FULL_PRECISION_DTYPES, RuntimeConfig
+from ..runtime.encoder import Embedder
+from ..runtime.loading import load_model
+from ..runtime.sources import resolve_model_source
 from .calibration import CALIBRATION_DIR, CalibrationSet
-from .config import FULL_PRECISION_DTYPES, RuntimeConfig
 from .drift import DriftReport, measure_drift
-from .encoder import Embedder
-from .loading import load_model, resolve_model_source
 from .reference import Reference, embed_calibration, encode_calibration, write_reference
-from .results import mode_label, result_record, slug
 
 REFERENCE_DIR = CALIBRATION_DIR / "references"
 CALIBRATION_MAX_LENGTH = 1024  # past the 512 of the official evaluation, so long texts are exercised

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LowmemError
+from ..errors import LowmemError
 
 BASE = "__base__"  # peft's name for "no adapter" in mixed batches
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .environment import package_versions
+from ..environment import package_versions
 
 FULL_HASH_LIMIT = 2 << 30  # files above 2 GiB are hashed by size, header and both ends (a full 14 GB read is minutes)
 

@@ -16,9 +16,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import ResumeMismatchError
+from ..runtime.encoder import Embedder, EncodeStats
 from .atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
-from .encoder import Embedder, EncodeStats
-from .errors import ResumeMismatchError
 
 
 @dataclass(frozen=True)

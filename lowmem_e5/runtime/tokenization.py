@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TextTooLongError
+from ..errors import TextTooLongError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
 
 # Instructions of the official evaluation (microsoft/unilm e5/utils.py), by MTEB task name.
 TASK_INSTRUCTIONS: dict[str, str] = {

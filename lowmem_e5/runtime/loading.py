@@ -1,17 +1,18 @@
-"""The one module that calls from_pretrained: config in, model + tokenizer + exact weight bytes out."""
+"""The one module that calls from_pretrained on a runtime model: config in, model + tokenizer + exact weight bytes
+out. Which folder or hub id a model name means is runtime/sources' job."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL, RuntimeConfig
-from .errors import ModelSourceError
+from ..errors import ModelSourceError
+from .config import RuntimeConfig
 from .memory import WeightBytes, weight_bytes
 from .quantization import load_plan
+from .sources import resolve_model_source
 
 
 @dataclass
@@ -26,25 +27,6 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-
-def resolve_model_source(model: str) -> tuple[str, bool]:
-    """(source, is_local). "default" is the cached small real model, built on first use."""
-    if model == DEFAULT_MODEL:
-        from .default_model import ensure_default_model
-
-        return str(ensure_default_model()), True
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelSourceError(f"model path {model!r} is a file; expected a folder with config.json and weights")
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"model folder {model!r} has no config.json; expected a transformers model folder")
-        return str(path), True
-    looks_like_path = model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
-    if looks_like_path:
-        raise ModelSourceError(f"model path {model!r} does not exist; expected a model folder or a hub id like {'intfloat/e5-mistral-7b-instruct'!r}")
-    return model, False
 
 
 def load_tokenizer(source: str, local: bool):
@@ -74,7 +56,7 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load model {source!r} with quant={config.quant!r}: {exc}") from exc
     if config.overrides:
-        from .precision_plans import apply_overrides
+        from .overrides import apply_overrides
 
         apply_overrides(model, config.override_map(), device, plan.dtype, config.int8_threshold)
     keep_4bit_layout_stable(model)
@@ -99,15 +81,6 @@ def keep_4bit_layout_stable(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def load_gguf_causal_lm(folder: str | os.PathLike, filename: str):
-    """Load a GGUF checkpoint through transformers (dequantised to fp32): (causal LM, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch.float32)
-    return model.eval(), tokenizer
 
 
 def attach_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike, name: str) -> torch.nn.Module:

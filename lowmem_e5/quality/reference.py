@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+from ..runtime.encoder import Embedder, EncodeStats
 from .calibration import CalibrationSet
-from .encoder import Embedder, EncodeStats
-from .errors import InputError
 from .fingerprint import model_fingerprint, same_model
 
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import InputError
-from .instructions import format_query, task_instruction
+from ..errors import InputError
+from ..runtime.instructions import format_query, task_instruction
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
+CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"  # the repository's calibration/
 DEFAULT_SET = CALIBRATION_DIR / "set_v1.jsonl"
 Split = Literal["tune", "heldout", "all"]
 SPLITS = ("tune", "heldout", "all")

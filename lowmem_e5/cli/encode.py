@@ -1,0 +1,108 @@
+"""`encode` (texts in, a resumable .npy out), and the commands about this installation: `env`, `tasks`,
+`build-default-model`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..errors import LowmemError
+from .shared import add_runtime_args, log, runtime_config
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ..errors import TextTooLongError
+    from ..jobs.inputs import check_output_path, read_texts
+    from ..jobs.resumable import JobSpec, run_job
+    from ..runtime.encoder import Embedder, resolve_instruction
+    from ..runtime.loading import load_model
+
+    config = runtime_config(args)
+    query = bool(args.query or args.task or args.instruction)
+    if query:
+        resolve_instruction(args.task, args.instruction)  # unknown task: fail before loading anything
+    output = check_output_path(args.output)
+    inputs = read_texts(args.input, field=args.field)
+    t0 = time.perf_counter()
+    loaded = load_model(config)
+    embedder = Embedder(loaded)
+    if args.adapter is not None:
+        info = embedder.load_adapter("cli", args.adapter)
+        log(f"adapter {args.adapter}: rank {info.rank}, {info.bytes:,} bytes")
+    log(f"loaded {loaded.source} as {config.quant} on {loaded.device}: "
+        f"{loaded.weight_bytes.total:,} weight bytes ({time.perf_counter() - t0:.1f} s)")
+    try:  # tokenise everything first, so a too-long text is named by its line before any work
+        tokenized = embedder.tokenize(inputs.texts, query=query, task=args.task, instruction=args.instruction)
+    except TextTooLongError as exc:
+        raise LowmemError(f"{inputs.where(exc.index)}: text has {exc.n_tokens} tokens, more than "
+                          f"max_length={exc.max_length} (--no-truncate is set)") from None
+    if tokenized.truncated:
+        log(f"{len(tokenized.truncated)} of {len(inputs.texts)} texts exceed max_length={config.max_length} "
+            f"and are truncated (first: {inputs.where(tokenized.truncated[0])})")
+    spec = JobSpec(texts=inputs.texts, output=output, query=query, task=args.task, instruction=args.instruction,
+                   chunk_size=args.chunk_size, adapter=str(args.adapter.resolve()) if args.adapter else None)
+    t1 = time.perf_counter()
+    result = run_job(spec, embedder, restart=args.restart, progress=not args.quiet)
+    elapsed = time.perf_counter() - t1
+    s = result.stats
+    summary = {
+        "output": str(result.output), "shape": list(result.shape), "quant": config.quant,
+        "weight_bytes": loaded.weight_bytes.total, "truncated": s.n_truncated, "real_tokens": s.real_tokens,
+        "padded_tokens": s.padded_tokens, "batches": s.n_batches, "oom_retries": s.oom_retries,
+        "chunks": result.chunks_total, "chunks_resumed": result.chunks_resumed, "seconds": round(elapsed, 3),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from ..environment import report
+
+    print(json.dumps(report(), indent=2))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from ..runtime.instructions import TASK_INSTRUCTIONS
+
+    for name, inst in TASK_INSTRUCTIONS.items():
+        print(f"{name}\t{inst}")
+    return 0
+
+
+def cmd_build_default_model(args: argparse.Namespace) -> int:
+    from ..default_model import build_default_model, default_model_path, remove_default_model
+
+    if args.force:
+        remove_default_model()
+    path = default_model_path()
+    if not (path / "config.json").is_file():
+        build_default_model(path)
+    print(path)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    enc = sub.add_parser("encode", help="embed a .txt (one text per line) or .jsonl file into a .npy")
+    enc.add_argument("--input", required=True, type=Path)
+    enc.add_argument("--output", required=True, type=Path, help="a .npy file; rows follow the input order")
+    enc.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    enc.add_argument("--query", action="store_true", help="texts are queries: prepend the task instruction")
+    enc.add_argument("--task", help="official task name (see `lowmem-e5 tasks`); implies --query")
+    enc.add_argument("--instruction", help="free-text task instruction; implies --query")
+    enc.add_argument("--adapter", type=Path, help="a LoRA adapter folder (peft, safetensors) to apply")
+    enc.add_argument("--chunk-size", type=int, default=256, help="texts per saved chunk (resume granularity)")
+    enc.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
+    enc.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_runtime_args(enc)
+    enc.set_defaults(func=cmd_encode)
+
+
+def add_environment_commands(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
+    sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)
+    b = sub.add_parser("build-default-model", help="fetch and convert the small real model into the cache")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=cmd_build_default_model)

@@ -1,0 +1,1 @@
+"""Files in, files out: reading inputs, the resumable corpus job, and atomic writes."""

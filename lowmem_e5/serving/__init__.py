@@ -1,0 +1,1 @@
+"""HTTP serving (empty until the serving issue fills it)."""
