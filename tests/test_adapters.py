@@ -78,6 +78,20 @@ def test_delete_and_unknown_names(tiny_model_dir, tiny_adapters):
     assert np.array_equal(e.encode(TEXTS)[0], base)
 
 
+@pytest.mark.parametrize("quant", ["fp32", "nf4"])
+def test_deleting_the_last_adapter_leaves_the_base_bit_for_bit(tiny_model_dir, tiny_adapters, quant):
+    """peft keeps a deleted last adapter active and its next forward fails: the set unwraps to the bare base."""
+    e = embedder_for(tiny_model_dir, quant)
+    base, bytes_before = e.encode(TEXTS)[0], weight_bytes(e.model).total
+    e.load_adapter("A", tiny_adapters["A"])
+    with_a = e.encode(TEXTS, adapter="A")[0]
+    e.adapters.delete("A")
+    assert e.adapters.names == [] and np.array_equal(e.encode(TEXTS)[0], base)
+    assert weight_bytes(e.model).total == bytes_before
+    e.load_adapter("A", tiny_adapters["A"])  # loads again on the unwrapped base
+    assert np.array_equal(e.encode(TEXTS, adapter="A")[0], with_a)
+
+
 def test_bad_adapter_folders_are_refused_with_the_reason(tmp_path, tiny_model_dir, tiny_adapters, real_model_dir):
     e = embedder_for(tiny_model_dir)
     with pytest.raises(AdapterError, match="adapter folder .*nowhere' does not exist"):

@@ -147,7 +147,12 @@ class AdapterSet:
         self.model.delete_adapter(name)
         del self._adapters[name]
         self.version += 1
-        if self.active == name:
+        if not self._adapters:
+            # peft keeps the deleted name active when it was the last one, and its next forward fails (KeyError):
+            # unwrap back to the bare base (layers unmerged, weights untouched); the next load wraps it again.
+            self.model = self.model.unload()
+            self.active = None
+        elif self.active == name:
             self.deactivate()  # peft would switch to another adapter; we fall back to the base
 
     def merge(self, name: str) -> torch.nn.Module:

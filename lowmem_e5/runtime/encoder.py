@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class Embedder:
         self.adapters = AdapterSet(loaded.model, base_is_quantized=self.config.quant in ("int8", "nf4", "fp4"))
         self.prefixes = PrefixStore()
         self.plan = plan_batches  # (lengths, token_budget) -> batches of indices
+        # A fast tokenizer may refuse concurrent calls ("Already borrowed"): the server tokenises on request threads
+        # while the model thread tokenises instruction prefixes.
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -111,15 +115,32 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32), EncodeStats()
         tok = self.tokenize(texts, query=query, task=task, instruction=instruction)
-        row_adapters = self._select_adapters(adapter, len(texts))
+        inst = resolve_instruction(task, instruction) if (query or task or instruction) else None
+        return self.encode_tokenized(tok, instruction=inst, adapter=adapter, on_batch=on_batch)
+
+    def encode_tokenized(
+        self,
+        tok: TokenizedTexts,
+        *,
+        instruction: str | None = None,
+        adapter: str | list[str | None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, EncodeStats]:
+        """`encode` of rows from `tokenize`: instruction is the queries' instruction (already in their rows; it lets
+        them share its cached prefix), None for documents."""
+        n = len(tok.rows)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32), EncodeStats()
+        row_adapters = self._select_adapters(adapter, n)
         lengths = tok.lengths
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        stats = EncodeStats(n_texts=len(texts), n_truncated=len(tok.truncated), truncated=list(tok.truncated),
+        out = np.empty((n, self.dim), dtype=np.float32)
+        stats = EncodeStats(n_texts=n, n_truncated=len(tok.truncated), truncated=list(tok.truncated),
                             real_tokens=sum(lengths))
         # Queries of one instruction share its prefix: rows that start with it run only their own tokens.
-        prefix, rows, via_prefix = None, tok.rows, [False] * len(texts)
-        if (query or task or instruction) and self.config.cache_query_prefix and row_adapters is None:
-            prefix_ids = shared_prefix_ids(self.loaded.tokenizer, self.special, resolve_instruction(task, instruction))
+        prefix, rows, via_prefix = None, tok.rows, [False] * n
+        if instruction is not None and self.config.cache_query_prefix and row_adapters is None:
+            with self._tokenizer_lock:
+                prefix_ids = shared_prefix_ids(self.loaded.tokenizer, self.special, instruction)
             suffixes = split_rows(tok.rows, prefix_ids)
             via_prefix = [s is not None for s in suffixes]
             if any(via_prefix):
@@ -127,7 +148,7 @@ class Embedder:
                 rows = [s if s is not None else r for s, r in zip(suffixes, tok.rows)]
         queue = deque()  # (batch, whether it runs against the cached prefix); batches never mix the two
         for cached in (True, False):
-            group = [i for i in range(len(texts)) if via_prefix[i] == cached]
+            group = [i for i in range(n) if via_prefix[i] == cached]
             if group:
                 queue.extend((b, cached) for b in plan_batches_subset(group, lengths, self.token_budget, self.plan))
         while queue:
@@ -158,8 +179,11 @@ class Embedder:
         return out, stats
 
     def tokenize(self, texts: list[str], *, query: bool = False, task: str | None = None,
-                 instruction: str | None = None) -> TokenizedTexts:
-        """Check, format (instruction for queries) and tokenise: rows are [BOS] + content + [EOS]."""
+                 instruction: str | None = None, truncate: bool | None = None) -> TokenizedTexts:
+        """Check, format (instruction for queries) and tokenise: rows are [BOS] + content + [EOS].
+
+        truncate: None follows the config; False refuses a text over max_length (TextTooLongError). Thread-safe.
+        """
         if isinstance(texts, str):
             raise InputError("texts must be a list of strings, got one string")
         for i, t in enumerate(texts):
@@ -170,7 +194,9 @@ class Embedder:
         if query or task or instruction:
             inst = resolve_instruction(task, instruction)
             texts = [format_query(t, inst) for t in texts]
-        return tokenize(self.loaded.tokenizer, list(texts), self.config.max_length, self.config.truncate)
+        truncate = self.config.truncate if truncate is None else truncate
+        with self._tokenizer_lock:
+            return tokenize(self.loaded.tokenizer, list(texts), self.config.max_length, truncate)
 
     # --- internals ----------------------------------------------------------------------------
     def _select_adapters(self, adapter, n: int) -> list[str] | None:

@@ -1,0 +1,57 @@
+"""Start the server: the scheduler loads the model on its thread while uvicorn already answers /health (503 until
+ready); a model that fails to load stops the server with the reason."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from ..runtime.config import RuntimeConfig
+from ..runtime.encoder import Embedder
+from ..runtime.loading import load_model
+from .app import create_app
+from .config import ServeConfig
+from .metrics import ServerMetrics
+from .scheduler import QueueLimits, Scheduler
+
+
+def build_server(runtime: RuntimeConfig, config: ServeConfig) -> tuple[Scheduler, object]:
+    """The scheduler (not started) and the ASGI app around it."""
+    metrics = ServerMetrics()
+
+    def load() -> Embedder:
+        embedder = Embedder(load_model(runtime))
+        for name, folder in config.adapters:
+            embedder.load_adapter(name, folder)
+        return embedder
+
+    limits = QueueLimits(max_requests=config.max_queue_requests, max_tokens=config.max_queue_tokens,
+                         max_wait_ms=config.max_wait_ms)
+    scheduler = Scheduler(load, limits, on_batch=metrics.on_batch)
+    return scheduler, create_app(config, scheduler, metrics)
+
+
+def serve(runtime: RuntimeConfig, config: ServeConfig, host: str, port: int, log: Callable[[str], None]) -> int:
+    """Run until SIGINT/SIGTERM (requests already accepted finish first); 0, or 2 when the model failed to load."""
+    import uvicorn
+
+    scheduler, app = build_server(runtime, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           lifespan="on"))
+
+    def report_when_ready() -> None:
+        scheduler.ready.wait()
+        if scheduler.failed is not None:
+            log(f"error: the model failed to load: {scheduler.failed}")
+            server.should_exit = True
+            return
+        e = scheduler.embedder
+        names = ", ".join([config.served_name, *sorted(scheduler.adapter_names)])
+        log(f"ready on http://{host}:{port}: {e.loaded.source} as {e.config.quant} on {e.loaded.device}, "
+            f"{e.loaded.weight_bytes.total:,} weight bytes; models: {names}")
+
+    scheduler.start()
+    threading.Thread(target=report_when_ready, name="lowmem-e5-ready", daemon=True).start()
+    log(f"listening on http://{host}:{port} (loading the model; /health answers 503 until it is ready)")
+    server.run()
+    return 2 if scheduler.failed is not None else 0
