@@ -6,7 +6,8 @@ device (no download: bytes and FLOPs do not depend on the values), measured besi
 
 Records per mode: exact weight bytes (and the planner's), peak memory for a 512-token and a 4096-token batch
 (and the planner's activation estimate), tokens/s at a few token budgets, and the query prefix cache's speedup
-(64 queries of 12 tokens after a 24-token instruction, whole rows vs the cached prefix). One JSON.
+(64 queries of 12 tokens after a 24-token instruction, whole rows vs the cached prefix), and for --serve-modes the
+real server's texts/s under 32 concurrent clients, with cross-request batching and one request at a time. One JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from lowmem_e5.results import environment  # noqa: E402
 from lowmem_e5.runtime.memory import weight_bytes  # noqa: E402
 from lowmem_e5.runtime.overrides import to_int8_linear  # noqa: E402
 from lowmem_e5.runtime.pooling import l2_normalize, last_token_pool, rowwise_cosine  # noqa: E402
-from lowmem_e5.runtime.prefix_cache import compute_prefix_state, prefix_batch_inputs, reading_cache  # noqa: E402
+from lowmem_e5.runtime.prefix_cache import RowPrefixes, compute_prefix_state, reading_cache  # noqa: E402
 from lowmem_e5.runtime.tokenization import pad_rows  # noqa: E402
 
 MODES = [("fp16", False), ("int8", False), ("nf4", False), ("nf4", True)]
@@ -119,8 +120,8 @@ def prefix_cache_speedup(model, device: str, repeats: int, queries: int = 64, pr
     suffixes = [[11 + (i * 13 + j) % 900 for j in range(query_len - 1)] + [2] for i in range(queries)]
     ids, mask, pos = pad_rows([list(prefix) + s for s in suffixes], 2, "right")
     s_ids, s_mask, s_pos = pad_rows(suffixes, 2, "right")
-    state = compute_prefix_state(model, prefix, device)
-    full_mask, s_pos = prefix_batch_inputs(s_mask, s_pos, len(prefix))
+    prefixes = RowPrefixes.of_rows([compute_prefix_state(model, prefix, device)] * queries)
+    full_mask, s_pos = prefixes.batch_inputs(s_mask, s_pos)
 
     def whole():
         with torch.inference_mode():
@@ -131,7 +132,7 @@ def prefix_cache_speedup(model, device: str, repeats: int, queries: int = 64, pr
     def cached():
         with torch.inference_mode():
             h = model(input_ids=s_ids.to(device), attention_mask=full_mask.to(device), position_ids=s_pos.to(device),
-                      cache=reading_cache(state), use_cache=True).last_hidden_state
+                      cache=reading_cache(prefixes), use_cache=True).last_hidden_state
         return l2_normalize(last_token_pool(h, s_mask))
 
     t_whole, a = _synced(whole, device, repeats)
@@ -141,6 +142,90 @@ def prefix_cache_speedup(model, device: str, repeats: int, queries: int = 64, pr
             "cosine_min": float(rowwise_cosine(a.cpu().numpy(), b.cpu().numpy()).min())}
 
 
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the vocabulary ids (no hub here): token counts, not meaning, set the speed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def serve_throughput(model, config, quant: str, double_quant: bool, device: str, dtype_name: str, seconds: float,
+                     clients: int = 32) -> dict:
+    """The real server (scheduler + FastAPI app + uvicorn on 127.0.0.1) around this model, loaded by `clients`
+    threads: texts/s for short queries (one per request) and documents (four of 200 words per request), with
+    cross-request batching and one request at a time."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from lowmem_e5 import Embedder, LoadedModel, RuntimeConfig
+    from lowmem_e5.serving.app import create_app
+    from lowmem_e5.serving.config import ServeConfig
+    from lowmem_e5.serving.metrics import ServerMetrics
+    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+
+    runtime = RuntimeConfig(model="random-weights", quant=quant, double_quant=double_quant, device=device,
+                            compute_dtype=dtype_name, max_length=512)
+    loaded = LoadedModel(model=model, tokenizer=synthetic_tokenizer(config.vocab_size), config=runtime,
+                         source="random weights", device=device, weight_bytes=weight_bytes(model))
+    embedder = Embedder(loaded)
+    rng = torch.Generator().manual_seed(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{int(i)}" for i in torch.randint(3, config.vocab_size, (n,), generator=rng))
+
+    bodies = {"queries": [{"input": [words(12)], "task": "NQ"} for _ in range(256)],
+              "documents": [{"input": [words(200) for _ in range(4)]} for _ in range(64)]}
+    result: dict = {"clients": clients, "seconds": seconds}
+    for label, most in (("batched", None), ("one_at_a_time", 1)):
+        scheduler = Scheduler(lambda: embedder, QueueLimits(4096, 10**8, 2.0, most))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(), scheduler, ServerMetrics()),
+                                               host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        scheduler.start()
+        while not server.started:
+            time.sleep(0.05)
+        result[label] = {}
+        for workload, items in bodies.items():
+            done = [0]
+            lock = threading.Lock()
+            deadline = time.monotonic() + seconds
+
+            def client(i: int) -> None:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as http:
+                    k = i
+                    while time.monotonic() < deadline:
+                        body = items[k % len(items)]
+                        k += clients
+                        http.post("/v1/embeddings", json=body).raise_for_status()
+                        with lock:
+                            done[0] += len(body["input"])
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            result[label][workload + "_texts_per_s"] = done[0] / (time.perf_counter() - t0)
+        server.should_exit = True
+        thread.join()
+    result["gain"] = {w: result["batched"][f"{w}_texts_per_s"] / result["one_at_a_time"][f"{w}_texts_per_s"]
+                      for w in bodies}
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +233,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="4096,16384,65536")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "calibration/results/gpu_check.json")
+    ap.add_argument("--serve-modes", default="nf4", help="modes whose server throughput is measured ('' for none)")
+    ap.add_argument("--serve-seconds", type=float, default=8.0)
+    ap.add_argument("--serve-clients", type=int, default=32)
     args = ap.parse_args()
     config = tiny_config() if args.tiny else e5_mistral_config()
     dtype = torch.float32 if args.device == "cpu" else torch.float16
@@ -171,6 +259,9 @@ def main() -> None:
         for budget in budgets:
             row["tokens_per_second"][str(budget)] = tokens_per_second(model, budget, 512, args.device, args.repeats)
         row["prefix_cache"] = prefix_cache_speedup(model, args.device, args.repeats)
+        if label in args.serve_modes.split(","):
+            row["server"] = serve_throughput(model, config, quant, dq, args.device, dtype_name, args.serve_seconds,
+                                             args.serve_clients)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
@@ -190,6 +281,13 @@ def main() -> None:
         print(f"| {r['mode']} | {r['weight_bytes']:,} | {r['planned_weight_bytes']:,} | "
               + " | ".join("-" if p is None else f"{p:,}" for p in peaks) + f" | {tps} "
               + f"| {r['prefix_cache']['speedup']:.2f}x ({r['prefix_cache']['cosine_min']:.4f}) |")
+    for r in rows:
+        if "server" in r:
+            s = r["server"]
+            print(f"server {r['mode']}, {s['clients']} clients: " + ", ".join(
+                f"{w} {s['batched'][w + '_texts_per_s']:.1f} texts/s batched vs "
+                f"{s['one_at_a_time'][w + '_texts_per_s']:.1f} one at a time ({s['gain'][w]:.2f}x)"
+                for w in ("queries", "documents")))
 
 
 if __name__ == "__main__":

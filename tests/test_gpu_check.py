@@ -15,7 +15,7 @@ def test_gpu_check_shell_script_parses():
 def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--tiny", "--device", "cpu",
-                        "--budgets", "1024", "--repeats", "1", "--out", str(out)],
+                        "--budgets", "1024", "--repeats", "1", "--serve-seconds", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -25,3 +25,6 @@ def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(t
             assert m["weight_bytes"] == m["planned_weight_bytes"], m
         assert m["tokens_per_second"]["1024"] > 0
         assert m["prefix_cache"]["cosine_min"] >= 0.999 and m["prefix_cache"]["speedup"] > 0
+    server = next(m for m in result["modes"] if m["mode"] == "nf4")["server"]  # the real server around the model
+    for label in ("batched", "one_at_a_time"):
+        assert server[label]["queries_texts_per_s"] > 0 and server[label]["documents_texts_per_s"] > 0

@@ -93,10 +93,11 @@ def test_prefix_cache_follows_the_active_adapter(tiny_model_dir, tiny_adapters):
         assert rowwise_cosine(cached[a], whole[a]).min() >= 0.9999, a
     assert rowwise_cosine(whole["A"], whole[None]).min() < 0.999  # the adapters do change the vectors
     assert rowwise_cosine(whole["A"], whole["B"]).min() < 0.999
-    # Mixed adapters in one call run whole rows (the prefix differs per adapter) and stay correct.
+    # Mixed adapters in one call: each row reads the prefix computed under its own adapter.
     e = with_prefix_cache(e, True)
     mixed, stats = e.encode(QUERIES[:3], task="NQ", adapter=["A", None, "B"])
-    assert stats.prefix_reused_tokens == 0
+    assert stats.prefix_reused_tokens == 3 * len(shared_prefix_ids(e.loaded.tokenizer, e.special,
+                                                                   TASK_INSTRUCTIONS["NQ"]))
     assert rowwise_cosine(mixed, np.stack([whole["A"][0], whole[None][1], whole["B"][2]])).min() >= 0.9999
     # Deleting and reloading an adapter under the same name invalidates its cached prefix.
     e.adapters.delete("A")
@@ -136,3 +137,26 @@ def test_out_of_memory_on_a_cached_batch_re_splits_it_and_keeps_the_prefix(real_
     assert stats.oom_retries >= 1 and all(via_prefix for _, via_prefix in seen)
     assert stats.prefix_reused_tokens > 0
     assert rowwise_cosine(got, expected).min() >= 0.9999
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_one_batch_mixing_instructions_adapters_and_documents_gives_each_row_its_whole_row_vector(
+        tiny_model_dir, tiny_adapters, side):
+    """A server's batch: queries of several instructions (prefixes of different lengths) and documents, under
+    several adapters, in shared forward batches; every row equals its own row run whole with its adapter."""
+    e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=512,
+                                          padding_side=side)))
+    e.load_adapter("A", tiny_adapters["A"])
+    e.load_adapter("B", tiny_adapters["B"])
+    tasks = ["NQ", "STS", None, "SciFact", "NQ", None, "STS", "NQ"]
+    adapters = ["A", None, "B", "B", None, "A", "A", "B"]
+    texts = [QUERIES[i % len(QUERIES)] for i in range(len(tasks))]
+    tok = e.tokenize([format_query(t, TASK_INSTRUCTIONS[k]) if k else t for t, k in zip(texts, tasks)])
+    instructions = [TASK_INSTRUCTIONS[k] if k else None for k in tasks]
+    mixed, stats = with_prefix_cache(e, True).encode_tokenized(tok, instruction=instructions, adapter=adapters)
+    assert stats.prefix_reused_tokens > 0 and stats.n_batches == 2  # one batch of cached rows, one of whole rows
+    want = np.stack([
+        with_prefix_cache(e, False).encode([t], task=k, adapter=a)[0][0] for t, k, a in zip(texts, tasks, adapters)])
+    assert rowwise_cosine(mixed, want).min() >= 0.9999
+    assert len({len(shared_prefix_ids(e.loaded.tokenizer, e.special, TASK_INSTRUCTIONS[k])) for k in
+                ("NQ", "STS", "SciFact")}) > 1  # the prefixes really differ in length

@@ -290,3 +290,228 @@ def test_adapters_load_and_unload_at_run_time_without_cross_talk(start_server, t
     assert post(server, {"name": "B"}, path="/v1/adapters").status_code == 201
     got = vectors(client(server).embeddings.create(input=QUERIES, model="B", extra_body={"task": "NQ"}))
     assert cos(got, local.encode_queries(QUERIES, task="NQ", adapter="B")).min() >= 0.9999
+
+
+DOCS_MIXED = MIXED_TEXTS + ["A longer document about rivers, lakes and the water cycle. " * 12,
+                            "Short note.", "Bread needs flour, water, salt and yeast; knead, rest and bake. " * 5]
+KINDS = [("document", None), ("query", "NQ"), ("query", "STS")]
+MODELS = ["e5-mistral", "A", "B"]
+
+
+@pytest.fixture(scope="module")
+def table(tiny_model_dir, tiny_adapters) -> dict:
+    """(model, kind, task, text) -> the vector of that text encoded alone, in process, with its adapter."""
+    local = in_process(tiny_model_dir, "fp32", {"A": tiny_adapters["A"], "B": tiny_adapters["B"]})
+    table = {}
+    for model in MODELS:
+        adapter = None if model == "e5-mistral" else model
+        for kind, task in KINDS:
+            for text in (DOCS_MIXED if kind == "document" else QUERIES + DOCS_MIXED[:3]):
+                if kind == "document":
+                    table[(model, kind, task, text)] = local.encode_documents([text], adapter=adapter)[0]
+                else:
+                    table[(model, kind, task, text)] = local.encode_queries([text], task=task, adapter=adapter)[0]
+    return table
+
+
+def run_clients(server: Server, table: dict, n_clients: int, seconds: float, seed: int = 0,
+                stop: threading.Event | None = None) -> list[dict]:
+    """n_clients threads, each sending random requests until `seconds` pass (or `stop` is set); one record each."""
+    keys = sorted({(m, k, t) for m, k, t, _ in table})
+    texts = {key: [x for m, k, t, x in table if (m, k, t) == key] for key in keys}
+    records: list[dict] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker(i: int) -> None:
+        rng = np.random.default_rng(seed + i)
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as http:
+            while time.monotonic() < deadline and not (stop and stop.is_set()):
+                model, kind, task = keys[rng.integers(len(keys))]
+                pool = texts[(model, kind, task)]
+                chosen = [pool[j] for j in rng.choice(len(pool), size=rng.integers(1, 5), replace=False)]
+                body = {"input": chosen, "model": model, "encoding_format": "base64"}
+                body.update({"input_type": "query", "task": task} if kind == "query" else {"input_type": "document"})
+                sent = time.monotonic()
+                try:
+                    r = http.post("/v1/embeddings", json=body)
+                    record = {"status": r.status_code, "body": r.json(), "retry_after": r.headers.get("Retry-After")}
+                except httpx.TransportError as exc:
+                    record = {"status": None, "error": repr(exc)}
+                record.update(sent=sent, done=time.monotonic(), key=(model, kind, task), texts=chosen)
+                with lock:
+                    records.append(record)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records
+
+
+def check_vectors(record: dict, table: dict) -> None:
+    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in record["body"]["data"]])
+    want = np.stack([table[(*record["key"], text)] for text in record["texts"]])
+    assert cos(got, want).min() >= 0.9999, record["key"]
+
+
+def test_load_16_clients_mixing_adapters_tasks_and_lengths(start_server, tiny_model_dir, tiny_adapters, table):
+    adapters = {"A": tiny_adapters["A"], "B": tiny_adapters["B"]}
+    server = start_server("--model", tiny_model_dir, "--quant", "fp32", "--max-length", 512, "--adapter",
+                          f"A={adapters['A']}", "--adapter", f"B={adapters['B']}", "--api-key-env",
+                          "LOWMEM_E5_TEST_KEY", env={"LOWMEM_E5_TEST_KEY": API_KEY})
+    run_clients(server, table, n_clients=16, seconds=3)  # warm-up: allocator pools and caches reach their size
+    rss_before = server.rss()
+    started = time.monotonic()
+    records = run_clients(server, table, n_clients=16, seconds=20, seed=100)
+    assert time.monotonic() - started >= 20
+    rss_after = server.rss()
+    assert [r for r in records if r["status"] != 200] == []  # no errors while the queue has room
+    for record in records:
+        check_vectors(record, table)  # no cross-talk between adapters, tasks or neighbours in a batch
+    assert len({r["key"] for r in records}) == 9 and len(records) > 100
+    assert rss_after <= rss_before * 1.05, (rss_before, rss_after)
+    # requests really shared batches
+    metrics = httpx.get(server.url + "/metrics").text
+    cycles = float(next(line.split()[-1] for line in metrics.splitlines()
+                        if line.startswith("lowmem_e5_batch_requests_count")))
+    requests = float(next(line.split()[-1] for line in metrics.splitlines()
+                          if line.startswith("lowmem_e5_batch_requests_sum")))
+    assert requests / cycles > 1.5, (requests, cycles)
+
+
+def test_overload_answers_429_with_retry_after_and_nothing_else(start_server, tiny_model_dir, tiny_adapters, table):
+    adapters = {"A": tiny_adapters["A"], "B": tiny_adapters["B"]}
+    server = start_server("--model", tiny_model_dir, "--quant", "fp32", "--max-length", 512, "--adapter",
+                          f"A={adapters['A']}", "--adapter", f"B={adapters['B']}", "--max-queue-requests", 2,
+                          "--max-queue-tokens", 2000, "--api-key-env", "LOWMEM_E5_TEST_KEY",
+                          env={"LOWMEM_E5_TEST_KEY": API_KEY})
+    records = run_clients(server, table, n_clients=16, seconds=6)
+    statuses = {r["status"] for r in records}
+    assert statuses == {200, 429}, statuses
+    for record in records:
+        if record["status"] == 429:
+            assert record["retry_after"] == "1" and "overloaded" in record["body"]["error"]["message"]
+            assert record["body"]["error"]["type"] == "rate_limit_error"
+        else:
+            check_vectors(record, table)
+    # the openai client retries 429 by itself and gets through
+    got = client(server, max_retries=8).embeddings.create(input=QUERIES, model="A", extra_body={"task": "NQ"})
+    assert len(got.data) == len(QUERIES)
+
+
+def test_sigterm_during_load_finishes_every_accepted_request(start_server, tiny_model_dir, tiny_adapters, table):
+    adapters = {"A": tiny_adapters["A"], "B": tiny_adapters["B"]}
+    server = start_server("--model", tiny_model_dir, "--quant", "fp32", "--max-length", 512, "--adapter",
+                          f"A={adapters['A']}", "--adapter", f"B={adapters['B']}", "--api-key-env",
+                          "LOWMEM_E5_TEST_KEY", env={"LOWMEM_E5_TEST_KEY": API_KEY})
+    stop = threading.Event()
+    records: list[dict] = []
+    load = threading.Thread(target=lambda: records.extend(run_clients(server, table, 16, 60, stop=stop)))
+    load.start()
+    time.sleep(3)
+    signalled = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn drains, then re-raises the signal
+    assert "stopped: every accepted request answered" in server.output()
+    stop.set()
+    load.join()
+    in_flight = [r for r in records if r["sent"] < signalled < r["done"]]
+    assert in_flight, "no request was in flight at SIGTERM; the test did not exercise the drain"
+    for record in records:
+        if record["sent"] < signalled:  # accepted before the signal: answered, correctly
+            assert record["status"] == 200, record
+            check_vectors(record, table)
+        else:  # after it: refused at the door, never a wrong vector or a 5xx
+            assert record["status"] is None or record["status"] == 200, record
+            if record["status"] == 200:
+                check_vectors(record, table)
+    assert sum(r["status"] == 200 for r in in_flight) == len(in_flight)
+
+
+def test_a_text_that_fits_nowhere_fails_its_own_request_only(tiny_model_dir):
+    """An out-of-memory on a text even alone gives that request its error; requests batched with it succeed."""
+    import torch
+
+    from lowmem_e5.errors import OutOfMemoryError
+    from lowmem_e5.serving.scheduler import Job, QueueLimits, Scheduler
+
+    e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=512)))
+    real_forward = e._forward
+
+    def forward(rows, names=None, prefix=None):  # the device holds at most 100 tokens per row
+        if max(len(r) for r in rows) > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(rows, names, prefix)
+
+    e._forward = forward
+    scheduler = Scheduler(lambda: e, QueueLimits(max_requests=10, max_tokens=10**6, max_wait_ms=50))
+    texts = [["short text"], ["long " * 300, "fits"], ["another short one", "and one more"]]
+    jobs = [Job(tokens=e.tokenize(t), adapter=None, instruction=None) for t in texts]
+    futures = [scheduler.submit(job) for job in jobs]  # queued before the thread starts: one cycle takes all
+    scheduler.start()
+    try:
+        with pytest.raises(OutOfMemoryError, match="does not fit"):
+            futures[1].result(timeout=60)
+        for i in (0, 2):
+            vectors, _ = futures[i].result(timeout=60)
+            e._forward = real_forward
+            assert cos(vectors, e.encode_documents(texts[i])).min() >= 0.9999
+            e._forward = forward
+        assert scheduler.pending_requests == 0 and scheduler.pending_tokens == 0
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_health_is_503_while_loading_and_after_a_failed_load(tiny_model_dir):
+    from starlette.testclient import TestClient
+
+    from lowmem_e5.serving.app import create_app
+    from lowmem_e5.serving.config import ServeConfig
+    from lowmem_e5.serving.metrics import ServerMetrics
+    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(60)
+        return Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=64)))
+
+    scheduler = Scheduler(slow_load, QueueLimits(8, 10_000, 1))
+    http = TestClient(create_app(ServeConfig(), scheduler, ServerMetrics()))
+    scheduler.start()
+    try:
+        assert http.get("/health").status_code == 503 and http.get("/health").json() == {"status": "loading"}
+        r = http.post("/v1/embeddings", json={"input": "x"})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "still loading" in r.json()["error"]["message"]
+        gate.set()
+        assert scheduler.ready.wait(60)
+        health = http.get("/health").json()
+        assert health["status"] == "ok" and health["mode"] == "fp32" and health["weight_bytes"] > 0
+        assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 200
+    finally:
+        gate.set()
+        scheduler.stop(timeout=30)
+
+    def failing_load():
+        raise ValueError("model folder '/nowhere' has no config.json")
+
+    broken = Scheduler(failing_load, QueueLimits(8, 10_000, 1))
+    http = TestClient(create_app(ServeConfig(), broken, ServerMetrics()))
+    broken.start()
+    assert broken.ready.wait(10)
+    assert http.get("/health").status_code == 503 and "no config.json" in http.get("/health").json()["error"]
+    r = http.post("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+
+
+def test_serve_exits_2_with_the_reason_when_the_model_cannot_load(tmp_path):
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "lowmem_e5", "serve", "--port", str(port), "--model", tmp_path / "none"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "model path" in r.stderr and "does not exist" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "lowmem_e5", "serve", "--port", str(port), "--api-key-env", "NO_SUCH_VAR"],
+                       capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items()
+                                                                         if k != "NO_SUCH_VAR"})
+    assert r.returncode == 2 and "NO_SUCH_VAR is not set" in r.stderr, r.stderr

@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapters=tuple(parse_adapter(a) for a in args.adapter), adapter_dir=args.adapter_dir, api_key=api_key(args),
         max_client_batch_size=args.max_client_batch_size, max_body_bytes=args.max_body_bytes,
         max_queue_requests=args.max_queue_requests, max_queue_tokens=args.max_queue_tokens,
-        max_wait_ms=args.max_wait_ms,
+        max_wait_ms=args.max_wait_ms, max_batch_requests=args.max_batch_requests,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use it")
@@ -79,5 +79,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-queue-tokens", type=int, default=d.max_queue_tokens, help="their tokens; past it: 429")
     sv.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                     help="how long a batch waits for more requests while the queue is empty")
+    sv.add_argument("--max-batch-requests", type=int, default=d.max_batch_requests,
+                    help="requests per batch (default: as many as the token budget takes; 1: no cross-request batching)")
     add_runtime_args(sv)
     sv.set_defaults(func=cmd_serve)

@@ -20,8 +20,8 @@ from .pooling import l2_normalize, last_token_pool
 from .prefix_cache import (
     PrefixState,
     PrefixStore,
+    RowPrefixes,
     compute_prefix_state,
-    prefix_batch_inputs,
     reading_cache,
     shared_prefix_ids,
     split_rows,
@@ -122,40 +122,49 @@ class Embedder:
         self,
         tok: TokenizedTexts,
         *,
-        instruction: str | None = None,
+        instruction: str | list[str | None] | None = None,
         adapter: str | list[str | None] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, EncodeStats]:
-        """`encode` of rows from `tokenize`: instruction is the queries' instruction (already in their rows; it lets
-        them share its cached prefix), None for documents."""
+        """`encode` of rows from `tokenize`. instruction: the queries' instruction (already in their rows; it lets
+        them share its cached prefix), None for documents, or one per row (a server's batch mixes them, and its
+        adapters: rows of any instruction and adapter share forward batches, each reading its own prefix)."""
         n = len(tok.rows)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32), EncodeStats()
+        instructions = list(instruction) if isinstance(instruction, (list, tuple)) else [instruction] * n
+        if len(instructions) != n:
+            raise InputError(f"instruction list has {len(instructions)} entries for {n} texts; expected one per text")
         row_adapters = self._select_adapters(adapter, n)
         lengths = tok.lengths
         out = np.empty((n, self.dim), dtype=np.float32)
         stats = EncodeStats(n_texts=n, n_truncated=len(tok.truncated), truncated=list(tok.truncated),
                             real_tokens=sum(lengths))
-        # Queries of one instruction share its prefix: rows that start with it run only their own tokens.
-        prefix, rows, via_prefix = None, tok.rows, [False] * n
-        if instruction is not None and self.config.cache_query_prefix and row_adapters is None:
-            with self._tokenizer_lock:
-                prefix_ids = shared_prefix_ids(self.loaded.tokenizer, self.special, instruction)
-            suffixes = split_rows(tok.rows, prefix_ids)
-            via_prefix = [s is not None for s in suffixes]
-            if any(via_prefix):
-                prefix = self._prefix_state(prefix_ids)
-                rows = [s if s is not None else r for s, r in zip(suffixes, tok.rows)]
-        queue = deque()  # (batch, whether it runs against the cached prefix); batches never mix the two
+        # Queries share their instruction's prefix: rows that start with it run only their own tokens.
+        rows, row_prefix = list(tok.rows), [None] * n
+        if self.config.cache_query_prefix:
+            for inst in dict.fromkeys(i for i in instructions if i is not None):
+                with self._tokenizer_lock:
+                    prefix_ids = shared_prefix_ids(self.loaded.tokenizer, self.special, inst)
+                members = [i for i in range(n) if instructions[i] == inst]
+                states: dict[str | None, PrefixState] = {}  # by row adapter: one store lookup each per call
+                for i, suffix in zip(members, split_rows([tok.rows[i] for i in members], prefix_ids)):
+                    if suffix is not None:
+                        a = row_adapters[i] if row_adapters else None
+                        if a not in states:
+                            states[a] = self._prefix_state(prefix_ids, a)
+                        row_prefix[i], rows[i] = states[a], suffix
+        queue = deque()  # (batch, whether it runs against cached prefixes); batches never mix the two
         for cached in (True, False):
-            group = [i for i in range(n) if via_prefix[i] == cached]
+            group = [i for i in range(n) if (row_prefix[i] is not None) == cached]
             if group:
                 queue.extend((b, cached) for b in plan_batches_subset(group, lengths, self.token_budget, self.plan))
         while queue:
             batch, cached = queue.popleft()
             try:
                 names = [row_adapters[i] for i in batch] if row_adapters is not None else None
-                vectors = self._forward([rows[i] for i in batch], names, prefix if cached else None)
+                vectors = self._forward([rows[i] for i in batch], names,
+                                        [row_prefix[i] for i in batch] if cached else None)
             except torch.OutOfMemoryError:
                 if len(batch) == 1:
                     raise OutOfMemoryError(
@@ -173,7 +182,7 @@ class Embedder:
             stats.n_batches += 1
             stats.padded_tokens += padded_tokens(batch, lengths)
             if cached:
-                stats.prefix_reused_tokens += len(batch) * prefix.length
+                stats.prefix_reused_tokens += sum(row_prefix[i].length for i in batch)
             if on_batch is not None:
                 on_batch(len(batch))
         return out, stats
@@ -207,32 +216,39 @@ class Embedder:
             names = [BASE if a is None else a for a in adapter]
             for a in set(names) - {BASE}:
                 self.adapters.info(a)  # unknown names fail here, listing the loaded ones
-            if set(names) == {BASE}:
-                self.adapters.deactivate()
-                return None
-            self.adapters.activate(next(a for a in names if a != BASE))  # adapter layers on; rows pick their own
-            return names
+            if len(set(names)) == 1:  # one adapter (or the base) for every row: no per-row routing needed
+                adapter = names[0]
+            else:
+                self.adapters.activate(next(a for a in names if a != BASE))  # adapter layers on; rows pick theirs
+                return names
         if adapter is None or adapter == BASE:
             self.adapters.deactivate()
         else:
             self.adapters.activate(adapter)
         return None
 
-    def _prefix_state(self, prefix_ids: tuple[int, ...]) -> PrefixState:
-        """The prefix's keys/values under the current adapter state, computed on first use."""
-        key = (prefix_ids, self.adapters.active, self.adapters.version)
-        return self.prefixes.get(key, lambda: compute_prefix_state(self.model, prefix_ids, self.loaded.device))
+    def _prefix_state(self, prefix_ids: tuple[int, ...], row_adapter: str | None = None) -> PrefixState:
+        """The prefix's keys/values, computed on first use: under the current adapter state, or in a mixed-adapter
+        call under the row's adapter (BASE: the base model)."""
+        device = self.loaded.device
+        if row_adapter is None:
+            key = (prefix_ids, self.adapters.active, self.adapters.version)
+            return self.prefixes.get(key, lambda: compute_prefix_state(self.model, prefix_ids, device))
+        key = (prefix_ids, None if row_adapter == BASE else row_adapter, self.adapters.version)
+        return self.prefixes.get(key, lambda: compute_prefix_state(self.model, prefix_ids, device, row_adapter))
 
     def _forward(self, rows: list[list[int]], adapter_names: list[str] | None = None,
-                 prefix: PrefixState | None = None) -> np.ndarray:
-        """Unit vectors of whole rows, or of rows that continue a cached prefix (rows then hold only the rest)."""
+                 prefixes: list[PrefixState] | None = None) -> np.ndarray:
+        """Unit vectors of whole rows, or of rows that continue cached prefixes, one per row (rows then hold only
+        the rest)."""
         ids, mask, positions = pad_rows(rows, self.special.pad, self.config.padding_side)  # each (B, T)
         device = self.loaded.device
         extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
         full_mask = mask
-        if prefix is not None:
-            full_mask, positions = prefix_batch_inputs(mask, positions, prefix.length)  # (B, P + T), (B, T)
-            extra.update(cache=reading_cache(prefix), use_cache=True)
+        if prefixes is not None:
+            cached = RowPrefixes.of_rows(prefixes)
+            full_mask, positions = cached.batch_inputs(mask, positions)  # (B, P + T), (B, T)
+            extra.update(cache=reading_cache(cached), use_cache=True)
         else:
             extra["use_cache"] = False
         with torch.inference_mode():

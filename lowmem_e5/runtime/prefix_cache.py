@@ -6,7 +6,9 @@ positions continuing after the prefix, attending to the cached prefix. Causal at
 as running the whole row (up to float rounding): the prefix tokens never see what follows them.
 
 The cached keys/values are read-only: each layer concatenates them with the batch's own keys for that layer and
-stores nothing, so a cached batch holds no more memory than the same rows run whole.
+stores nothing, so a cached batch holds no more memory than the same rows run whole. Rows of one batch may read
+different prefixes (other instructions, other adapters: what a server's batch holds): the distinct prefixes are
+left-padded to the longest, masked where padded, and each row's positions continue after its own prefix.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from .instructions import query_prefix
 from .tokenization import SpecialIds
 
-MAX_CACHED_PREFIXES = 16  # one per (instruction, adapter state); a 7B prefix of ~25 tokens is ~3 MB in fp16
+MAX_CACHED_PREFIXES = 32  # one per (instruction, adapter); a 7B prefix of ~25 tokens is ~3 MB in fp16
 
 
 def shared_prefix_ids(tokenizer, special: SpecialIds, instruction: str) -> tuple[int, ...]:
@@ -52,10 +54,13 @@ class PrefixState:
         return int(self.keys[0].shape[-2])
 
 
-def compute_prefix_state(model: torch.nn.Module, prefix: tuple[int, ...], device: str) -> PrefixState:
+def compute_prefix_state(model: torch.nn.Module, prefix: tuple[int, ...], device: str,
+                         adapter: str | None = None) -> PrefixState:
+    """adapter: in a mixed-adapter model (peft with adapter layers on), the adapter this prefix runs under."""
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    extra = {"adapter_names": [adapter]} if adapter is not None else {}
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **extra)
     cache = out.cache
     layers = cache.layers
     return PrefixState(keys=tuple(layer.keys for layer in layers), values=tuple(layer.values for layer in layers))
@@ -67,35 +72,82 @@ def _read_only_prefix_layer():
     from transformers.cache_utils import DynamicLayer
 
     class ReadOnlyPrefixLayer(DynamicLayer):
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, row_index: torch.Tensor | None) -> None:
             super().__init__()
-            self.keys, self.values = keys, values
+            self.keys, self.values, self.row_index = keys, values, row_index  # (U, kv, P, hd), (B,) or None
             self.device = keys.device
             self.is_initialized = True
 
+        def rows(self, cached: torch.Tensor, batch: int) -> torch.Tensor:
+            if self.row_index is None:  # one prefix for all rows: a view, no copy
+                return cached.expand(batch, -1, -1, -1)
+            return cached.index_select(0, self.row_index)  # (B, kv, P, hd), for this layer only
+
         def update(self, key_states, value_states, *args, **kwargs):
             batch = key_states.shape[0]
-            keys = torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2)
-            values = torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2)
+            keys = torch.cat([self.rows(self.keys, batch), key_states], dim=-2)  # (B, kv, P + T, hd)
+            values = torch.cat([self.rows(self.values, batch), value_states], dim=-2)
             return keys, values
 
     return ReadOnlyPrefixLayer
 
 
-def reading_cache(state: PrefixState):
-    """A transformers Cache whose layers serve the prefix to one batch and keep nothing of the batch."""
+@dataclass(frozen=True)
+class RowPrefixes:
+    """The cached prefixes one batch reads: its distinct prefix states, left-padded to the longest and stacked, and
+    which of them each row reads."""
+
+    keys: tuple[torch.Tensor, ...]  # per layer (U, kv_heads, P, head_dim); row u's real prefix is its last lengths[u]
+    values: tuple[torch.Tensor, ...]
+    lengths: torch.Tensor  # (U,) real length of each distinct prefix
+    row_index: torch.Tensor  # (B,) which distinct prefix each row reads
+
+    @classmethod
+    def of_rows(cls, states: list[PrefixState]) -> RowPrefixes:
+        distinct: dict[int, int] = {}
+        uniq: list[PrefixState] = []
+        for state in states:
+            if id(state) not in distinct:
+                distinct[id(state)] = len(uniq)
+                uniq.append(state)
+        width = max(u.length for u in uniq)
+        device = uniq[0].keys[0].device
+
+        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:  # each (1, kv, P_u, hd) -> (U, kv, width, hd)
+            if len(tensors) == 1:
+                return tensors[0]
+            out = tensors[0].new_zeros((len(tensors), tensors[0].shape[1], width, tensors[0].shape[3]))
+            for u, t in enumerate(tensors):
+                out[u, :, width - t.shape[-2]:] = t[0]
+            return out
+
+        n_layers = len(uniq[0].keys)
+        return cls(keys=tuple(stack([u.keys[i] for u in uniq]) for i in range(n_layers)),
+                   values=tuple(stack([u.values[i] for u in uniq]) for i in range(n_layers)),
+                   lengths=torch.tensor([u.length for u in uniq], dtype=torch.long),
+                   row_index=torch.tensor([distinct[id(s)] for s in states], dtype=torch.long, device=device))
+
+    @property
+    def width(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+    def batch_inputs(self, suffix_mask: torch.Tensor,
+                     suffix_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention mask over prefix + suffix (B, P + T), the suffix's positions moved on past each row's own
+        prefix (B, T)), from pad_rows' mask and positions."""
+        row_lengths = self.lengths[self.row_index.cpu()]  # (B,)
+        pad = self.width - row_lengths  # (B,) masked slots before each row's prefix
+        prefix_mask = (torch.arange(self.width)[None, :] >= pad[:, None]).to(suffix_mask.dtype)  # (B, P)
+        return torch.cat([prefix_mask, suffix_mask], dim=1), suffix_positions + row_lengths[:, None]
+
+
+def reading_cache(prefixes: RowPrefixes):
+    """A transformers Cache whose layers serve the prefixes to one batch and keep nothing of the batch."""
     from transformers.cache_utils import Cache
 
     layer = _read_only_prefix_layer()
-    return Cache(layers=[layer(k, v) for k, v in zip(state.keys, state.values)])
-
-
-def prefix_batch_inputs(suffix_mask: torch.Tensor, suffix_positions: torch.Tensor,
-                        prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention mask over prefix + suffix, the suffix's positions moved on past the prefix), from pad_rows'."""
-    batch = suffix_mask.shape[0]
-    mask = torch.cat([torch.ones((batch, prefix_len), dtype=suffix_mask.dtype), suffix_mask], dim=1)
-    return mask, suffix_positions + prefix_len
+    index = None if len(prefixes.lengths) == 1 else prefixes.row_index
+    return Cache(layers=[layer(k, v, index) for k, v in zip(prefixes.keys, prefixes.values)])
 
 
 class PrefixStore:

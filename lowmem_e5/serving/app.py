@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,12 +29,15 @@ from .scheduler import Job, Scheduler
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics) -> FastAPI:
+def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics,
+               on_stopped: Callable[[], None] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         # uvicorn runs this after in-flight requests finished (SIGTERM drains first): then stop the model thread.
         await asyncio.to_thread(scheduler.stop)
+        if on_stopped is not None:
+            on_stopped()
 
     app = FastAPI(title="lowmem_e5", lifespan=lifespan, docs_url=None, redoc_url=None)
 

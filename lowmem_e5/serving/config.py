@@ -28,6 +28,7 @@ class ServeConfig:
     max_queue_requests: int = 512  # queued or running requests (TEI's --max-concurrent-requests)
     max_queue_tokens: int = 262_144  # their tokens: 16 full token budgets
     max_wait_ms: float = 5.0  # how long a cycle waits for more requests while the queue is empty
+    max_batch_requests: int | None = None  # requests per scheduler cycle; 1 turns cross-request batching off
 
     def __post_init__(self) -> None:
         if not self.served_name or not self.served_name.strip():
@@ -42,6 +43,8 @@ class ServeConfig:
         for key in ("max_client_batch_size", "max_body_bytes", "max_queue_requests", "max_queue_tokens"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not valid; expected an integer >= 1")
+        if self.max_batch_requests is not None and int(self.max_batch_requests) < 1:
+            raise ValueError(f"max_batch_requests={self.max_batch_requests!r} is not valid; expected an integer >= 1")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms={self.max_wait_ms!r} is not valid; expected >= 0")
         if self.adapter_dir is not None:

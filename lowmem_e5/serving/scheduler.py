@@ -2,10 +2,9 @@
 batches. HTTP handlers only validate, tokenise and `submit`; they never touch the model.
 
 A cycle takes the first queued job, then whatever else is queued (waiting at most `max_wait_ms` while the queue is
-empty) up to the token budget. Queries of one (instruction, adapter) run together through the prefix cache;
-everything else runs in one call whose rows carry their own adapter names (peft's mixed batch). The encoder plans
-the forward batches of each call by the cheapest cut under the token budget and halves it on out-of-memory, as
-`encode` does. A call that fails for one request's sake (a text that does not fit even alone, an adapter unloaded
+empty) up to the token budget, and runs all their rows in one encoder call: each row carries its own adapter
+(peft's mixed batch) and, for queries, its instruction, whose cached prefix it reads. The encoder plans the forward
+batches by the cheapest cut under the token budget and halves it on out-of-memory, as `encode` does. A call that fails for one request's sake (a text that does not fit even alone, an adapter unloaded
 while the request waited) is rerun request by request, so only that request fails.
 """
 
@@ -60,6 +59,7 @@ class QueueLimits:
     max_requests: int  # queued or running requests
     max_tokens: int  # their tokens
     max_wait_ms: float  # how long a cycle waits for more work while the queue is empty
+    max_batch_requests: int | None = None  # requests per cycle (None: as many as the token budget takes)
 
 
 class Scheduler:
@@ -144,7 +144,8 @@ class Scheduler:
         jobs, tokens = [first], first.n_tokens
         deadline = time.monotonic() + self.limits.max_wait_ms / 1000
         budget = self.embedder.token_budget
-        while tokens < budget:
+        most = self.limits.max_batch_requests or float("inf")
+        while tokens < budget and len(jobs) < most:
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -169,45 +170,37 @@ class Scheduler:
             job.started = start
         if self._on_batch is not None:
             self._on_batch(len(jobs), sum(j.n_tokens for j in jobs))
-        use_prefix = self.embedder.config.cache_query_prefix
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            key = ("query", job.instruction, job.adapter) if job.instruction is not None and use_prefix else ("mixed",)
-            groups.setdefault(key, []).append(job)
-        for key, group in groups.items():
-            try:
-                self._run_group(key, group)
-            except (OutOfMemoryError, AdapterError) as exc:
-                if len(group) == 1:
-                    group[0].future.set_exception(exc)
-                else:  # one request's text or adapter: rerun each alone, so only that one fails
-                    for job in group:
-                        self._run_alone(job)
-            except BaseException as exc:  # noqa: BLE001 - every request of the group learns of it
-                log.exception("a batch failed")
-                for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+        try:
+            self._encode(jobs)
+        except (OutOfMemoryError, AdapterError) as exc:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+            else:  # one request's text or adapter: rerun each alone, so only that one fails
+                for job in jobs:
+                    self._run_alone(job)
+        except BaseException as exc:  # noqa: BLE001 - every request of the cycle learns of it
+            log.exception("a batch failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
 
-    def _run_group(self, key: tuple, group: list[Job]) -> None:
-        rows = [row for job in group for row in job.tokens.rows]
-        tokens = TokenizedTexts(rows=rows, truncated=[])
+    def _encode(self, jobs: list[Job]) -> None:
+        """All rows of the cycle in one call: each row with its own adapter and (queries) instruction."""
+        rows = [row for job in jobs for row in job.tokens.rows]
+        instructions = [job.instruction for job in jobs for _ in job.tokens.rows]
+        adapters = [job.adapter for job in jobs for _ in job.tokens.rows]
         t0 = time.perf_counter()
-        if key[0] == "query":
-            vectors, _ = self.embedder.encode_tokenized(tokens, instruction=key[1], adapter=key[2])
-        else:
-            adapters = [job.adapter for job in group for _ in job.tokens.rows]
-            vectors, _ = self.embedder.encode_tokenized(tokens, adapter=adapters)
+        vectors, _ = self.embedder.encode_tokenized(TokenizedTexts(rows=rows, truncated=[]),
+                                                    instruction=instructions, adapter=adapters)
         seconds = time.perf_counter() - t0
         offset = 0
-        for job in group:
+        for job in jobs:
             n = len(job.tokens.rows)
             job.future.set_result((vectors[offset:offset + n], seconds))
             offset += n
 
     def _run_alone(self, job: Job) -> None:
-        key = ("query", job.instruction, job.adapter) if job.instruction is not None else ("mixed",)
         try:
-            self._run_group(key, [job])
+            self._encode([job])
         except BaseException as exc:  # noqa: BLE001 - this request's own failure
             job.future.set_exception(exc)

@@ -15,7 +15,8 @@ from .metrics import ServerMetrics
 from .scheduler import QueueLimits, Scheduler
 
 
-def build_server(runtime: RuntimeConfig, config: ServeConfig) -> tuple[Scheduler, object]:
+def build_server(runtime: RuntimeConfig, config: ServeConfig,
+                 on_stopped: Callable[[], None] | None = None) -> tuple[Scheduler, object]:
     """The scheduler (not started) and the ASGI app around it."""
     metrics = ServerMetrics()
 
@@ -26,16 +27,17 @@ def build_server(runtime: RuntimeConfig, config: ServeConfig) -> tuple[Scheduler
         return embedder
 
     limits = QueueLimits(max_requests=config.max_queue_requests, max_tokens=config.max_queue_tokens,
-                         max_wait_ms=config.max_wait_ms)
+                         max_wait_ms=config.max_wait_ms, max_batch_requests=config.max_batch_requests)
     scheduler = Scheduler(load, limits, on_batch=metrics.on_batch)
-    return scheduler, create_app(config, scheduler, metrics)
+    return scheduler, create_app(config, scheduler, metrics, on_stopped)
 
 
 def serve(runtime: RuntimeConfig, config: ServeConfig, host: str, port: int, log: Callable[[str], None]) -> int:
-    """Run until SIGINT/SIGTERM (requests already accepted finish first); 0, or 2 when the model failed to load."""
+    """Run until SIGINT/SIGTERM: requests already accepted finish first, then the process ends by that signal (as
+    uvicorn re-raises it). Returns 2 when the model failed to load."""
     import uvicorn
 
-    scheduler, app = build_server(runtime, config)
+    scheduler, app = build_server(runtime, config, on_stopped=lambda: log("stopped: every accepted request answered"))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            lifespan="on"))
 
