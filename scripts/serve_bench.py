@@ -11,8 +11,9 @@ Engines, each its own server process on 127.0.0.1, all started before timing and
   (sync handler, so FastAPI's thread pool calls encode concurrently), set up as in scripts/bench.py;
 - infinity (with --infinity-venv): infinity-emb in its own venv, on a converted copy of the model folder
   (scripts/infinity_model.py), fp32 only (its torch engine has no bitsandbytes modes).
-Every engine's vectors are checked against the in-process Embedder before it is timed. The load generator's
-threads share the 2 cores with the servers, equally for every engine.
+Every engine's vectors are checked against the in-process Embedder before it is timed; while one engine is
+timed the others are stopped (SIGSTOP), so an idle server's polling takes no CPU from it. The load generator's
+threads share the 2 cores with the server, equally for every engine.
 """
 
 from __future__ import annotations
@@ -82,7 +83,14 @@ class Engine:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} not ready after {timeout} s")
 
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP while another engine is timed: an idle server that polls (infinity's batch loop spins) must not
+        take CPU from the one being measured."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop(self) -> None:
+        self.pause(False)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -99,7 +107,7 @@ def engines_for(mode: str, infinity_venv: Path | None, model_dir: Path) -> list[
     if infinity_venv is not None and mode == "fp32":
         from infinity_model import infinity_command
 
-        engines.append(Engine("infinity", infinity_command(infinity_venv, model_dir)))
+        engines.append(Engine("infinity", infinity_command(infinity_venv, model_dir), env={"DO_NOT_TRACK": "1"}))
     return engines
 
 
@@ -225,6 +233,11 @@ def bench_mode(mode: str, args, model_dir: Path) -> dict:
             if c < 0.99:
                 raise RuntimeError(f"{name} gives other vectors (min cosine {c:.4f}); refusing to time it")
         del embedder
+        for e in engines:  # untimed warm-up: first-call costs, each instruction's cached prefix, allocator pools
+            for other in engines:
+                other.pause(other is not e)
+            for bodies in requests.values():
+                load(e, bodies, 4, 2.0)
         results: dict = {"vector_check_min_cosine": checks, "workloads": {}}
         for workload, bodies in requests.items():
             per_c = {}
@@ -233,7 +246,11 @@ def bench_mode(mode: str, args, model_dir: Path) -> dict:
                 for rep in range(args.repeats):
                     order = engines[rep % len(engines):] + engines[:rep % len(engines)]
                     for e in order:
+                        for other in engines:
+                            other.pause(other is not e)
                         phases[e.name].append(load(e, bodies, clients, args.seconds))
+                for e in engines:
+                    e.pause(False)
                 per_c[str(clients)] = {name: summarise(p) for name, p in phases.items()}
                 row = per_c[str(clients)]
                 print(f"[{mode}] {workload} x{clients}: " + ", ".join(

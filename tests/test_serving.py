@@ -515,3 +515,46 @@ def test_serve_exits_2_with_the_reason_when_the_model_cannot_load(tmp_path):
                        capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items()
                                                                          if k != "NO_SUCH_VAR"})
     assert r.returncode == 2 and "NO_SUCH_VAR is not set" in r.stderr, r.stderr
+
+
+def test_a_request_cancelled_while_queued_is_dropped_and_its_batch_answered(tiny_model_dir):
+    """A handler cancelled while its job waits (client gone, shutdown) must not break the cycle it would join."""
+    from lowmem_e5.serving.scheduler import Job, QueueLimits, Scheduler
+
+    e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=64)))
+    scheduler = Scheduler(lambda: e, QueueLimits(max_requests=10, max_tokens=10**6, max_wait_ms=20))
+    texts = ["one text", "two texts", "three texts"]
+    futures = [scheduler.submit(Job(tokens=e.tokenize([t]), adapter=None, instruction=None)) for t in texts]
+    assert futures[1].cancel() and scheduler.pending_requests == 2  # released at once
+    scheduler.start()
+    try:
+        for i in (0, 2):
+            assert cos(futures[i].result(timeout=60)[0], e.encode_documents([texts[i]])).min() >= 0.9999
+        assert futures[1].cancelled() and scheduler.pending_requests == 0 and scheduler.pending_tokens == 0
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_default_task_makes_plain_requests_queries_and_documents_stay_reachable(tiny_model_dir):
+    from starlette.testclient import TestClient
+
+    from lowmem_e5.serving.app import create_app
+    from lowmem_e5.serving.config import ServeConfig
+    from lowmem_e5.serving.metrics import ServerMetrics
+    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+
+    e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=512)))
+    scheduler = Scheduler(lambda: e, QueueLimits(8, 100_000, 1))
+    http = TestClient(create_app(ServeConfig(default_task="NQ"), scheduler, ServerMetrics()))
+    scheduler.start()
+    try:
+        def ask(**extra):
+            r = http.post("/v1/embeddings", json={"input": QUERIES, **extra})
+            assert r.status_code == 200, r.text
+            return np.array([d["embedding"] for d in r.json()["data"]])
+
+        assert cos(ask(), e.encode_queries(QUERIES, task="NQ")).min() >= 0.9999
+        assert cos(ask(input_type="document"), e.encode_documents(QUERIES)).min() >= 0.9999
+        assert cos(ask(task="STS"), e.encode_queries(QUERIES, task="STS")).min() >= 0.9999
+    finally:
+        scheduler.stop(timeout=30)

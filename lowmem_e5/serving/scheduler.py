@@ -2,7 +2,7 @@
 batches. HTTP handlers only validate, tokenise and `submit`; they never touch the model.
 
 A cycle takes the first queued job, then whatever else is queued (waiting at most `max_wait_ms` while the queue is
-empty) up to the token budget, and runs all their rows in one encoder call: each row carries its own adapter
+empty, when the last cycle held several requests) up to the token budget, and runs all their rows in one encoder call: each row carries its own adapter
 (peft's mixed batch) and, for queries, its instruction, whose cached prefix it reads. The encoder plans the forward
 batches by the cheapest cut under the token budget and halves it on out-of-memory, as `encode` does. A call that fails for one request's sake (a text that does not fit even alone, an adapter unloaded
 while the request waited) is rerun request by request, so only that request fails.
@@ -76,6 +76,7 @@ class Scheduler:
         self.adapter_names: frozenset[str] = frozenset()
         self.ready = threading.Event()
         self.failed: BaseException | None = None
+        self._last_cycle_requests = 0
         self._thread = threading.Thread(target=self._main, name="lowmem-e5-model", daemon=True)
 
     # --- called from request threads -----------------------------------------------------------
@@ -133,16 +134,26 @@ class Scheduler:
                 self._run_control(item)
                 continue
             jobs, after = self._collect(item)
-            self._run_jobs(jobs)
+            self._last_cycle_requests = len(jobs)
+            if jobs:
+                self._run_jobs(jobs)
             if after is _STOP:
                 return
             if after is not None:
                 self._run_control(after)
 
     def _collect(self, first: Job) -> tuple[list[Job], object]:
-        """The first job and what else is queued, up to the token budget; stops at a control item."""
-        jobs, tokens = [first], first.n_tokens
-        deadline = time.monotonic() + self.limits.max_wait_ms / 1000
+        """The first job and what else is queued, up to the token budget; stops at a control item. Jobs whose
+        request was cancelled while queued are dropped (a future once running can no longer be cancelled).
+
+        It waits for more work only while requests arrive together (the last cycle held several): a lone client
+        never pays the wait."""
+        jobs: list[Job] = []
+        tokens = 0
+        if first.future.set_running_or_notify_cancel():
+            jobs, tokens = [first], first.n_tokens
+        wait = self.limits.max_wait_ms / 1000 if self._last_cycle_requests > 1 else 0.0
+        deadline = time.monotonic() + wait
         budget = self.embedder.token_budget
         most = self.limits.max_batch_requests or float("inf")
         while tokens < budget and len(jobs) < most:
@@ -152,11 +163,14 @@ class Scheduler:
                 break
             if not isinstance(item, Job):
                 return jobs, item
-            jobs.append(item)
-            tokens += item.n_tokens
+            if item.future.set_running_or_notify_cancel():
+                jobs.append(item)
+                tokens += item.n_tokens
         return jobs, None
 
     def _run_control(self, item: Control) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
         try:
             item.future.set_result(item.run(self.embedder))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
