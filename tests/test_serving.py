@@ -4,7 +4,6 @@ official `openai` client and by httpx. Every vector is checked against the in-pr
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import socket
@@ -556,5 +555,28 @@ def test_default_task_makes_plain_requests_queries_and_documents_stay_reachable(
         assert cos(ask(), e.encode_queries(QUERIES, task="NQ")).min() >= 0.9999
         assert cos(ask(input_type="document"), e.encode_documents(QUERIES)).min() >= 0.9999
         assert cos(ask(task="STS"), e.encode_queries(QUERIES, task="STS")).min() >= 0.9999
+    finally:
+        scheduler.stop(timeout=30)
+
+
+def test_truncation_follows_the_server_unless_the_request_says(tiny_model_dir):
+    from starlette.testclient import TestClient
+
+    from lowmem_e5.serving.app import create_app
+    from lowmem_e5.serving.config import ServeConfig
+    from lowmem_e5.serving.metrics import ServerMetrics
+    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+
+    e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=16, truncate=False)))
+    scheduler = Scheduler(lambda: e, QueueLimits(8, 100_000, 1))
+    http = TestClient(create_app(ServeConfig(), scheduler, ServerMetrics()))
+    scheduler.start()
+    try:
+        long_text = "word " * 40
+        refused = http.post("/v1/embeddings", json={"input": long_text})  # the server runs with --no-truncate
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        cut = http.post("/v1/embeddings", json={"input": long_text, "truncate": True})
+        assert cut.status_code == 200 and cut.headers["X-Truncated-Inputs"] == "1"
+        assert cut.json()["usage"]["prompt_tokens"] == 16
     finally:
         scheduler.stop(timeout=30)

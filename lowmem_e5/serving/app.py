@@ -245,7 +245,7 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
     return app
 
 
-def tokenize(embedder, texts: list[str], instruction: str | None, truncate: bool) -> TokenizedTexts:
+def tokenize(embedder, texts: list[str], instruction: str | None, truncate: bool | None) -> TokenizedTexts:
     try:
         return embedder.tokenize(texts, query=instruction is not None, instruction=instruction, truncate=truncate)
     except TextTooLongError as exc:

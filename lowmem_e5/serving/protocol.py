@@ -46,7 +46,7 @@ class EmbeddingRequest(BaseModel):
     input_type: Literal["query", "document"] | None = None
     task: str | None = None
     instruction: str | None = None
-    truncate: bool = True
+    truncate: bool | None = None  # None: the server's setting (truncate unless started with --no-truncate)
 
 
 def parse_request(payload: Any) -> EmbeddingRequest:
