@@ -37,10 +37,10 @@ def free_port() -> int:
 class Server:
     """`python -m lowmem_e5 serve ...` on a free loopback port; stopped by its PID."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"lowmem-e5-serve-{self.port}.log", "w+")
+        self.log = open(log_dir / f"serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lowmem_e5", "serve", "--port", str(self.port), *map(str, args)],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
@@ -84,14 +84,13 @@ class Server:
 
 
 @pytest.fixture
-def start_server():
+def start_server(tmp_path):
     servers: list[Server] = []
 
-    def start(*args, env=None, ready=True) -> Server:
-        server = Server(list(args), env=env)
+    def start(*args, env=None) -> Server:
+        server = Server(list(args), tmp_path, env=env)
         servers.append(server)
-        if ready:
-            server.wait_ready()
+        server.wait_ready()
         return server
 
     yield start
