@@ -166,10 +166,8 @@ def serve_throughput(model, config, quant: str, double_quant: bool, device: str,
     import uvicorn
 
     from lowmem_e5 import Embedder, LoadedModel, RuntimeConfig
-    from lowmem_e5.serving.app import create_app
     from lowmem_e5.serving.config import ServeConfig
-    from lowmem_e5.serving.metrics import ServerMetrics
-    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+    from lowmem_e5.serving.server import build_server
 
     runtime = RuntimeConfig(model="random-weights", quant=quant, double_quant=double_quant, device=device,
                             compute_dtype=dtype_name, max_length=512)
@@ -185,12 +183,12 @@ def serve_throughput(model, config, quant: str, double_quant: bool, device: str,
               "documents": [{"input": [words(200) for _ in range(4)]} for _ in range(64)]}
     result: dict = {"clients": clients, "seconds": seconds}
     for label, most in (("batched", None), ("one_at_a_time", 1)):
-        scheduler = Scheduler(lambda: embedder, QueueLimits(4096, 10**8, 2.0, most))
+        scheduler, app = build_server(lambda: embedder, ServeConfig(max_queue_requests=4096, max_queue_tokens=10**8,
+                                                                    max_wait_ms=2.0, max_batch_requests=most))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(ServeConfig(), scheduler, ServerMetrics()),
-                                               host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         scheduler.start()

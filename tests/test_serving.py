@@ -465,10 +465,8 @@ def test_a_text_that_fits_nowhere_fails_its_own_request_only(tiny_model_dir):
 def test_health_is_503_while_loading_and_after_a_failed_load(tiny_model_dir):
     from starlette.testclient import TestClient
 
-    from lowmem_e5.serving.app import create_app
     from lowmem_e5.serving.config import ServeConfig
-    from lowmem_e5.serving.metrics import ServerMetrics
-    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+    from lowmem_e5.serving.server import build_server
 
     gate = threading.Event()
 
@@ -476,8 +474,9 @@ def test_health_is_503_while_loading_and_after_a_failed_load(tiny_model_dir):
         gate.wait(60)
         return Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=64)))
 
-    scheduler = Scheduler(slow_load, QueueLimits(8, 10_000, 1))
-    http = TestClient(create_app(ServeConfig(), scheduler, ServerMetrics()))
+    small = ServeConfig(max_queue_requests=8, max_queue_tokens=10_000, max_wait_ms=1)
+    scheduler, app = build_server(slow_load, small)
+    http = TestClient(app)
     scheduler.start()
     try:
         assert http.get("/health").status_code == 503 and http.get("/health").json() == {"status": "loading"}
@@ -495,8 +494,8 @@ def test_health_is_503_while_loading_and_after_a_failed_load(tiny_model_dir):
     def failing_load():
         raise ValueError("model folder '/nowhere' has no config.json")
 
-    broken = Scheduler(failing_load, QueueLimits(8, 10_000, 1))
-    http = TestClient(create_app(ServeConfig(), broken, ServerMetrics()))
+    broken, app = build_server(failing_load, small)
+    http = TestClient(app)
     broken.start()
     assert broken.ready.wait(10)
     assert http.get("/health").status_code == 503 and "no config.json" in http.get("/health").json()["error"]
@@ -536,14 +535,13 @@ def test_a_request_cancelled_while_queued_is_dropped_and_its_batch_answered(tiny
 def test_default_task_makes_plain_requests_queries_and_documents_stay_reachable(tiny_model_dir):
     from starlette.testclient import TestClient
 
-    from lowmem_e5.serving.app import create_app
     from lowmem_e5.serving.config import ServeConfig
-    from lowmem_e5.serving.metrics import ServerMetrics
-    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+    from lowmem_e5.serving.server import build_server
 
     e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=512)))
-    scheduler = Scheduler(lambda: e, QueueLimits(8, 100_000, 1))
-    http = TestClient(create_app(ServeConfig(default_task="NQ"), scheduler, ServerMetrics()))
+    scheduler, app = build_server(lambda: e, ServeConfig(default_task="NQ", max_queue_requests=8,
+                                                         max_queue_tokens=100_000, max_wait_ms=1))
+    http = TestClient(app)
     scheduler.start()
     try:
         def ask(**extra):
@@ -561,14 +559,13 @@ def test_default_task_makes_plain_requests_queries_and_documents_stay_reachable(
 def test_truncation_follows_the_server_unless_the_request_says(tiny_model_dir):
     from starlette.testclient import TestClient
 
-    from lowmem_e5.serving.app import create_app
     from lowmem_e5.serving.config import ServeConfig
-    from lowmem_e5.serving.metrics import ServerMetrics
-    from lowmem_e5.serving.scheduler import QueueLimits, Scheduler
+    from lowmem_e5.serving.server import build_server
 
     e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=16, truncate=False)))
-    scheduler = Scheduler(lambda: e, QueueLimits(8, 100_000, 1))
-    http = TestClient(create_app(ServeConfig(), scheduler, ServerMetrics()))
+    scheduler, app = build_server(lambda: e, ServeConfig(max_queue_requests=8, max_queue_tokens=100_000,
+                                                         max_wait_ms=1))
+    http = TestClient(app)
     scheduler.start()
     try:
         long_text = "word " * 40

@@ -10,6 +10,7 @@ while the request waited) is rerun request by request, so only that request fail
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -38,8 +39,8 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
 
-    @property
-    def n_tokens(self) -> int:
+    @functools.cached_property
+    def n_tokens(self) -> int:  # asked at admission, release, batching and metrics: counted once
         return sum(self.tokens.lengths)
 
 

@@ -15,17 +15,21 @@ from .metrics import ServerMetrics
 from .scheduler import QueueLimits, Scheduler
 
 
-def build_server(runtime: RuntimeConfig, config: ServeConfig,
-                 on_stopped: Callable[[], None] | None = None) -> tuple[Scheduler, object]:
-    """The scheduler (not started) and the ASGI app around it."""
-    metrics = ServerMetrics()
-
+def model_loader(runtime: RuntimeConfig, config: ServeConfig) -> Callable[[], Embedder]:
+    """What the scheduler's thread runs first: the model per the runtime config, with the start-up adapters."""
     def load() -> Embedder:
         embedder = Embedder(load_model(runtime))
         for name, folder in config.adapters:
             embedder.load_adapter(name, folder)
         return embedder
 
+    return load
+
+
+def build_server(load: Callable[[], Embedder], config: ServeConfig,
+                 on_stopped: Callable[[], None] | None = None) -> tuple[Scheduler, object]:
+    """The scheduler (not started; `load` runs on its thread) and the ASGI app around it, limits from config."""
+    metrics = ServerMetrics()
     limits = QueueLimits(max_requests=config.max_queue_requests, max_tokens=config.max_queue_tokens,
                          max_wait_ms=config.max_wait_ms, max_batch_requests=config.max_batch_requests)
     scheduler = Scheduler(load, limits, on_batch=metrics.on_batch)
@@ -37,7 +41,8 @@ def serve(runtime: RuntimeConfig, config: ServeConfig, host: str, port: int, log
     uvicorn re-raises it). Returns 2 when the model failed to load."""
     import uvicorn
 
-    scheduler, app = build_server(runtime, config, on_stopped=lambda: log("stopped: every accepted request answered"))
+    scheduler, app = build_server(model_loader(runtime, config), config,
+                                  on_stopped=lambda: log("stopped: every accepted request answered"))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                            lifespan="on"))
 
