@@ -109,3 +109,29 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
         "B": train_test_adapter(tiny_model_dir, root / "B", seed=2),
         "C": train_test_adapter(tiny_model_dir, root / "C", seed=3, targets=("down_proj",), rank=8),
     }
+
+
+def write_corpus(folder: Path, shards: int, rows: int, fmt: str = "jsonl", id_prefix: str | None = "doc-") -> dict:
+    """A corpus of real sentences in shards named part-K; returns {id: text} (ids are ints when id_prefix is None)."""
+    import json
+
+    lines = (DATA / "sample_docs.txt").read_text().splitlines()
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus: dict = {}
+    k = 0
+    for s in range(shards):
+        records = []
+        for _ in range(rows):
+            text = f"{lines[k % len(lines)]} (passage {k}, {' '.join(lines[(k * 7) % len(lines)].split()[: k % 9])})"
+            key = k if id_prefix is None else f"{id_prefix}{k}"
+            records.append({"id": key, "text": text})
+            corpus[key] = text
+            k += 1
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(records), folder / f"part-{s}.parquet")
+        else:
+            (folder / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return corpus

@@ -29,7 +29,7 @@ def test_jsonl_reads_the_named_field(tmp_path):
     ("blank.txt", b"ok\n   \nfine\n", r"blank.txt:2: empty or whitespace-only text"),
     ("bad.txt", b"ok\nbad \xff\xfe byte\n", r"bad.txt:2: invalid UTF-8 at byte 4"),
     ("bad.jsonl", b'{"text": "ok"}\n{"text": "unterminated}\n', r"bad.jsonl:2: malformed JSON"),
-    ("list.jsonl", b'["text"]\n', r"list.jsonl:1: expected a JSON object with a 'text' field, got list"),
+    ("list.jsonl", b'["text"]\n', r"list.jsonl:1: expected a JSON object, got list"),
     ("nofield.jsonl", b'{"body": "x"}\n', r"nofield.jsonl:1: no 'text' field; fields present: body"),
     ("num.jsonl", b'{"text": 5}\n', r"num.jsonl:1: field 'text' is int; expected a string"),
     ("ws.jsonl", b'{"text": " \\t "}\n', r"ws.jsonl:1: empty or whitespace-only text"),

@@ -13,6 +13,13 @@ from .shared import add_runtime_args, log, runtime_config
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    if args.output.suffix != ".npy":
+        from .encode_corpus import cmd_encode_corpus
+
+        return cmd_encode_corpus(args)
+    for flag, value in (("--ray", args.ray), ("--id-field", args.id_field)):
+        if value:
+            raise LowmemError(f"{flag} writes Parquet shards with ids: give --output a folder, not a .npy file")
     from ..errors import TextTooLongError
     from ..jobs.inputs import check_output_path, read_texts
     from ..jobs.resumable import JobSpec, run_job
@@ -85,10 +92,15 @@ def cmd_build_default_model(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    enc = sub.add_parser("encode", help="embed a .txt (one text per line) or .jsonl file into a .npy")
-    enc.add_argument("--input", required=True, type=Path)
-    enc.add_argument("--output", required=True, type=Path, help="a .npy file; rows follow the input order")
-    enc.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    enc = sub.add_parser("encode", help="embed texts into a .npy, or a corpus with ids into Parquet shards (here or "
+                         "on Ray)")
+    enc.add_argument("--input", required=True, type=Path, help="a .txt or .jsonl file; for a folder output also a "
+                     ".parquet file or a folder of .jsonl / .parquet shards")
+    enc.add_argument("--output", required=True, type=Path, help="a .npy file (rows follow the input order), or a folder "
+                     "of Parquet shards (id + embedding per row, one shard=<name>/ per input shard, _manifest.json)")
+    enc.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
+    enc.add_argument("--id-field", help="field / column holding each row's id (default: 'id' if the first row has "
+                     "one, else the row's position in the corpus)")
     enc.add_argument("--query", action="store_true", help="texts are queries: prepend the task instruction")
     enc.add_argument("--task", help="official task name (see `lowmem-e5 tasks`); implies --query")
     enc.add_argument("--instruction", help="free-text task instruction; implies --query")
@@ -96,6 +108,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--chunk-size", type=int, default=256, help="texts per saved chunk (resume granularity)")
     enc.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = enc.add_argument_group("scale-out on Ray Data (extra [ray]; folder output)")
+    ray.add_argument("--ray", action="store_true", help="embed on a Ray cluster (a local one unless --address)")
+    ray.add_argument("--address", help="Ray cluster to join: 'auto' (the one `ray start` runs here) or HOST:PORT")
+    ray.add_argument("--workers", type=int, default=1, help="model replicas, one Ray actor each (default 1)")
+    ray.add_argument("--gpus-per-worker", default="auto", help="GPU share per worker, e.g. 0.25, or 'auto': as many "
+                     "replicas per GPU as `lowmem-e5 plan` says fit at --token-budget (CPU workers without GPUs)")
+    ray.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default: the cluster's "
+                     "CPUs less one, shared among the workers)")
+    ray.add_argument("--batch-size", type=int, default=64, help="texts sent to a worker at a time (default 64)")
     add_runtime_args(enc)
     enc.set_defaults(func=cmd_encode)
 

@@ -21,19 +21,42 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * factor)
 
 
+def model_config(name: str):
+    from ..quality.planner import e5_mistral_config
+
+    if name == "e5-mistral":
+        return e5_mistral_config()
+    from transformers import AutoConfig
+
+    path = Path(name)
+    if not path.exists():
+        raise LowmemError(f"model config {name!r} does not exist; expected 'e5-mistral' or a config.json / model folder")
+    return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+
+
+def print_replicas(args: argparse.Namespace, config) -> int:
+    from ..quality.planner import GIB, replicas_table
+
+    gpus = {label.strip(): parse_size(label) for label in args.replicas.split(",")}
+    rows = replicas_table(config, gpus, args.token_budget, args.compute_dtype, parse_size(args.reserve))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"| mode | bytes per replica at {args.token_budget:,} tokens/batch | GiB | "
+          + " | ".join(f"replicas on {g}" for g in gpus) + " |")
+    print("|" + "---|" * (3 + len(gpus)))
+    for r in rows:
+        print(f"| {r['mode']} | {r['replica_bytes']:,} | {r['replica_bytes'] / GIB:.2f} | "
+              + " | ".join(str(r["replicas"][g]) for g in gpus) + " |")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..quality.planner import GIB, card_sizes, e5_mistral_config, format_plan, plan_table
+    from ..quality.planner import GIB, card_sizes, format_plan, plan_table
 
-    if args.model_config == "e5-mistral":
-        config = e5_mistral_config()
-    else:
-        from transformers import AutoConfig
-
-        path = Path(args.model_config)
-        if not path.exists():
-            raise LowmemError(f"model config {args.model_config!r} does not exist; expected 'e5-mistral' or a "
-                              "config.json / model folder")
-        config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+    config = model_config(args.model_config)
+    if args.replicas:
+        return print_replicas(args, config)
     cards = card_sizes()
     extra = parse_size(args.vram) if args.vram else None
     rows = plan_table(config, {**cards, "vram": extra} if extra is not None else cards, args.compute_dtype,
@@ -61,5 +84,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--compute-dtype", default="float16", choices=COMPUTE_DTYPES,
                     help="dtype of unquantised weights and activations (GPU default: float16)")
     pl.add_argument("--reserve", default="768MiB", help="kept free for the CUDA context and allocator")
+    pl.add_argument("--replicas", metavar="SIZES", help="instead: how many replicas (one process each, as Ray workers) "
+                    "fit GPUs of these sizes, e.g. 24GiB,48GiB,80GiB")
+    pl.add_argument("--token-budget", type=int, default=16384, help="with --replicas: padded tokens per batch")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)

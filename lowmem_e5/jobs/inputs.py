@@ -31,6 +31,37 @@ def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
         ) from None
 
 
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, decoded line) of every line; the final newline ends the last line."""
+    raw_lines = path.read_bytes().split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    return [(n, _decode_line(path, n, raw.rstrip(b"\r"))) for n, raw in enumerate(raw_lines, start=1)]
+
+
+def parse_jsonl_line(path: Path, lineno: int, line: str) -> dict:
+    if not line.strip():
+        raise InputError(f"{path}:{lineno}: empty line; expected one JSON object per line")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def text_field(where: str, obj: dict, field: str) -> str:
+    if field not in obj:
+        raise InputError(f"{where}: no {field!r} field; fields present: {', '.join(sorted(obj)) or 'none'}")
+    text = obj[field]
+    if not isinstance(text, str):
+        raise InputError(f"{where}: field {field!r} is {type(text).__name__}; expected a string")
+    if not text.strip():
+        raise InputError(f"{where}: empty or whitespace-only text; expected some text to embed")
+    return text
+
+
 def read_texts(path: str | Path, field: str = "text") -> InputTexts:
     path = Path(path)
     if not path.exists():
@@ -40,31 +71,15 @@ def read_texts(path: str | Path, field: str = "text") -> InputTexts:
     suffix = path.suffix.lower()
     if suffix not in INPUT_SUFFIXES:
         raise InputError(f"input file {str(path)!r} has suffix {suffix!r}; expected one of: {', '.join(INPUT_SUFFIXES)}")
-    raw_lines = path.read_bytes().split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":  # the final newline ends the last line, it does not start a new one
-        raw_lines.pop()
     texts: list[str] = []
     numbers: list[int] = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        line = _decode_line(path, lineno, raw.rstrip(b"\r"))
+    for lineno, line in read_lines(path):
         if suffix == ".jsonl":
-            if not line.strip():
-                raise InputError(f"{path}:{lineno}: empty line; expected one JSON object per line")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object with a {field!r} field, got {type(obj).__name__}")
-            if field not in obj:
-                raise InputError(f"{path}:{lineno}: no {field!r} field; fields present: {', '.join(sorted(obj)) or 'none'}")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise InputError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}; expected a string")
+            text = text_field(f"{path}:{lineno}", parse_jsonl_line(path, lineno, line), field)
         else:
+            if not line.strip():
+                raise InputError(f"{path}:{lineno}: empty or whitespace-only text; expected some text to embed")
             text = line
-        if not text.strip():
-            raise InputError(f"{path}:{lineno}: empty or whitespace-only text; expected some text to embed")
         texts.append(text)
         numbers.append(lineno)
     if not texts:

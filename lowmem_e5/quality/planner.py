@@ -100,12 +100,37 @@ def activation_bytes_per_token(config, compute_dtype: str) -> int:
     return (2 * config.hidden_size + 3 * config.intermediate_size) * DTYPE_BYTES[compute_dtype]
 
 
+def workspace_bytes(weights: WeightPlan, compute_dtype: str) -> int:
+    """One dequantised weight matrix for 4-bit modes."""
+    return weights.largest_linear * DTYPE_BYTES[compute_dtype] if weights.mode.split("+")[0] in ("nf4", "fp4") else 0
+
+
 def max_token_budget(card_bytes: int, weights: WeightPlan, config, compute_dtype: str,
                      reserve: int = DEFAULT_RESERVE) -> int:
     """Largest padded tokens per batch that fit beside the weights (0: the weights alone do not fit)."""
-    workspace = weights.largest_linear * DTYPE_BYTES[compute_dtype] if weights.mode.split("+")[0] in ("nf4", "fp4") else 0
-    free = card_bytes - weights.total - reserve - workspace
+    free = card_bytes - weights.total - reserve - workspace_bytes(weights, compute_dtype)
     return max(0, free // activation_bytes_per_token(config, compute_dtype))
+
+
+def replica_bytes(weights: WeightPlan, config, compute_dtype: str, token_budget: int,
+                  reserve: int = DEFAULT_RESERVE) -> int:
+    """GPU bytes one model replica (one process) needs at this token budget: weights, workspace, activations and
+    its own CUDA context."""
+    return (weights.total + workspace_bytes(weights, compute_dtype) + reserve
+            + token_budget * activation_bytes_per_token(config, compute_dtype))
+
+
+def replicas_table(config, gpus: dict[str, int], token_budget: int, compute_dtype: str = "float16",
+                   reserve: int = DEFAULT_RESERVE) -> list[dict]:
+    """Per mode: bytes of one replica, and how many fit each GPU (label -> bytes)."""
+    model = meta_model(config)
+    rows = []
+    for quant, dq in PLAN_MODES:
+        need = replica_bytes(plan_weights(model, quant, dq, compute_dtype), config, compute_dtype, token_budget,
+                             reserve)
+        rows.append({"mode": f"{quant}+dq" if dq else quant, "replica_bytes": need, "token_budget": token_budget,
+                     "replicas": {label: size // need for label, size in gpus.items()}})
+    return rows
 
 
 PLAN_MODES = [("fp16", False), ("bf16", False), ("int8", False), ("nf4", False), ("nf4", True), ("fp4", False),

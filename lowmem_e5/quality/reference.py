@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InputError
 from ..runtime.encoder import Embedder, EncodeStats
 from .calibration import CalibrationSet
-from .fingerprint import model_fingerprint, same_model
+from ..runtime.fingerprint import model_fingerprint, same_model
 
 
 def encode_calibration(embedder: Embedder, cset: CalibrationSet,
