@@ -150,3 +150,16 @@ def test_cli_writes_parquet_and_resumes(tmp_path, tiny_model_dir):
     npy = subprocess.run(list(map(str, args[:7] + [tmp_path / "x.npy", "--id-field", "id"])), capture_output=True,
                          text=True, env=env, timeout=300)
     assert npy.returncode == 2 and "--id-field writes Parquet shards with ids" in npy.stderr
+
+
+def test_a_too_long_text_is_named_by_its_shard_and_line(tmp_path, tiny_model_dir):
+    from lowmem_e5 import RuntimeConfig
+    from lowmem_e5.runtime.encoder import Embedder
+    from lowmem_e5.runtime.loading import load_model
+
+    jsonl(tmp_path / "in.jsonl", [{"id": 1, "text": "short"}, {"id": 2, "text": "long " * 50}])
+    strict = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=16,
+                                               truncate=False)))
+    with pytest.raises(InputError, match=r"in.jsonl: line 2: text has \d+ tokens, more than max_length=16"):
+        run_local(tmp_path / "in.jsonl", tmp_path / "out", strict)
+    assert not list((tmp_path / "out").glob("shard=*"))

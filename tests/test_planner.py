@@ -42,3 +42,21 @@ def test_plan_table_fits_nf4_on_6_gib_and_fp16_only_on_16():
     assert rows["fp16"]["max_token_budget"]["12GiB"] == 0 and rows["fp16"]["max_token_budget"]["16GiB"] > 0
     w = plan_weights(meta_model(e5_mistral_config()), "nf4")
     assert max_token_budget(int(w.total), w, e5_mistral_config(), "float16") == 0
+
+
+def test_replicas_per_gpu_follow_the_planner_bytes():
+    from lowmem_e5.errors import LowmemError
+    from lowmem_e5.jobs.distributed import replicas_per_gpu
+    from lowmem_e5.quality.planner import (
+        activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights, replica_bytes, replicas_table)
+
+    config = e5_mistral_config()
+    rows = {r["mode"]: r for r in replicas_table(config, {"24GiB": 24 << 30, "80GiB": 80 << 30}, 16384)}
+    nf4 = plan_weights(meta_model(config), "nf4", False, "float16")
+    need = replica_bytes(nf4, config, "float16", 16384)
+    assert rows["nf4"]["replica_bytes"] == need
+    assert need == nf4.total + nf4.largest_linear * 2 + (768 << 20) + 16384 * activation_bytes_per_token(config, "float16")
+    assert rows["nf4"]["replicas"] == {"24GiB": replicas_per_gpu(24 << 30, need), "80GiB": (80 << 30) // need}
+    assert rows["nf4"]["replicas"]["24GiB"] == 3 and rows["fp16"]["replicas"]["24GiB"] == 1
+    with pytest.raises(LowmemError, match=r"one replica needs 6.32 GiB .* GPUs have 4.00 GiB; lower --token-budget"):
+        replicas_per_gpu(4 << 30, need)

@@ -54,8 +54,8 @@ def cmd_encode_corpus(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise LowmemError(f"--batch-size {args.batch_size} is not valid; expected an integer >= 1")
     gpus = parse_gpus_per_worker(args.gpus_per_worker)
-    if not args.ray and (args.address or args.workers != 1):
-        raise LowmemError("--address and --workers run on Ray: add --ray")
+    if not args.ray and (args.address or args.workers != 1 or args.local_cpus):
+        raise LowmemError("--address, --workers and --local-cpus run on Ray: add --ray")
     if args.ray:
         from ..jobs.distributed import import_ray
 
@@ -75,7 +75,8 @@ def cmd_encode_corpus(args: argparse.Namespace) -> int:
 
         summary = run_corpus_on_ray(corpus, manifest, config, settings, workers=args.workers, address=args.address,
                                     gpus_per_worker=gpus, replica_bytes=replica_bytes_for(config, source),
-                                    cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, log=log)
+                                    cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size,
+                                    local_cpus=args.local_cpus, progress=not args.quiet, log=log)
     elif not pending:
         summary = run_corpus_local(corpus, manifest, None, settings, progress=False)
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import InputError, TextTooLongError
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder, EncodeStats
 from ..runtime.fingerprint import model_fingerprint
@@ -49,7 +50,7 @@ def job_identity(config: RuntimeConfig, model_source: str, corpus: Corpus, setti
     try:
         fingerprint = model_fingerprint(model_source)
         fingerprint.pop("versions", None)  # recorded by results, not a reason to redo a corpus
-    except Exception:  # a hub model not downloaded on this (driver) machine: its id stands for it
+    except (OSError, ValueError):  # a hub model not downloaded on this (driver) machine: its id stands for it
         fingerprint = {"hub_id": model_source}
     return {"config": config_identity(config), "model_fingerprint": fingerprint, "text_field": corpus.text_field,
             "id_field": corpus.id_field, "id_type": corpus.id_type, **asdict(settings)}
@@ -90,7 +91,12 @@ def run_corpus_local(corpus: Corpus, manifest: Manifest, embedder: Embedder, set
     try:
         for shard in pending:
             rows = corpus.read(shard)
-            vectors, s = settings.encode(embedder, rows.texts, on_batch=bar.update)
+            try:
+                vectors, s = settings.encode(embedder, rows.texts, on_batch=bar.update)
+            except TextTooLongError as exc:
+                where = f"line {exc.index + 1}" if shard.path.suffix.lower() == ".jsonl" else f"row {exc.index}"
+                raise InputError(f"{shard.path}: {where}: text has {exc.n_tokens} tokens, more than max_length="
+                                 f"{exc.max_length} (--no-truncate is set)") from None
             stats.merge(s)
             write_table_atomic(shard_dir(manifest.staging, shard.name) / "part-0.parquet",
                                vector_table(rows.ids, vectors))

@@ -56,14 +56,14 @@ class RunEvents:
     def __init__(self) -> None:
         self.loads: list[float] = []
         self.restarts = 0
-        self.tokens = [0, 0, 0]  # real, padded, batches
+        self.tokens = [0, 0, 0, 0]  # real, padded, batches, truncated texts
 
     def loaded(self, seconds: float, restarted: bool) -> None:
         self.loads.append(seconds)
         self.restarts += int(restarted)
 
-    def encoded(self, real: int, padded: int, batches: int) -> None:
-        for i, v in enumerate((real, padded, batches)):
+    def encoded(self, real: int, padded: int, batches: int, truncated: int) -> None:
+        for i, v in enumerate((real, padded, batches, truncated)):
             self.tokens[i] += v
 
     def report(self) -> dict:
@@ -103,7 +103,7 @@ class EmbedWorker:
         vectors, stats = self.settings.encode(self.embedder, texts)
         table = vector_table(batch["id"].tolist(), vectors)
         if self.events is not None:
-            self.events.encoded.remote(stats.real_tokens, stats.padded_tokens, stats.n_batches)
+            self.events.encoded.remote(stats.real_tokens, stats.padded_tokens, stats.n_batches, stats.n_truncated)
         return table.append_column(PARTITION, pa.array([str(s) for s in batch[PARTITION]], type=pa.string()))
 
 
@@ -120,22 +120,27 @@ def cluster_gpu_bytes(ray) -> int | None:
     return ray.get(ray.remote(num_gpus=1)(probe).remote())
 
 
+def replicas_per_gpu(gpu_bytes: int, replica_bytes: int) -> int:
+    replicas = gpu_bytes // replica_bytes
+    if replicas < 1:
+        from ..errors import LowmemError
+
+        raise LowmemError(f"one replica needs {replica_bytes / 2**30:.2f} GiB (weights + activations at the token "
+                          f"budget) but the cluster's GPUs have {gpu_bytes / 2**30:.2f} GiB; lower --token-budget or "
+                          "use a smaller --quant")
+    return replicas
+
+
 def gpus_per_worker_auto(ray, replica_bytes, log) -> float:
     """The GPU share per worker: 1 / (replicas that fit one GPU); replica_bytes() is the planner's figure."""
     gpu = cluster_gpu_bytes(ray)
     if gpu is None:
         log("--gpus-per-worker auto: the cluster has no GPUs; workers run on CPU")
         return 0.0
-    replica_bytes = replica_bytes()
-    replicas = gpu // replica_bytes
-    if replicas < 1:
-        from ..errors import LowmemError
-
-        raise LowmemError(f"one replica needs {replica_bytes / 2**30:.2f} GiB (weights + activations at the token "
-                          f"budget) but the cluster's GPUs have {gpu / 2**30:.2f} GiB; lower --token-budget or use a "
-                          "smaller --quant")
-    log(f"--gpus-per-worker auto: {replicas} replicas of {replica_bytes / 2**30:.2f} GiB fit a "
-        f"{gpu / 2**30:.1f} GiB GPU: {1 / replicas:.3f} GPU per worker")
+    need = replica_bytes()
+    replicas = replicas_per_gpu(gpu, need)
+    log(f"--gpus-per-worker auto: {replicas} replicas of {need / 2**30:.2f} GiB fit a {gpu / 2**30:.1f} GiB GPU "
+        f"(lowmem-e5 plan's bytes): {1 / replicas:.3f} GPU per worker")
     return 1.0 / replicas
 
 
@@ -143,6 +148,9 @@ def start_ray(address: str | None, local_cpus: int | None, log):
     """Join the cluster at address, or start a local one (no dashboard) with local_cpus CPUs (default: all)."""
     ray = import_ray()
     t0 = time.perf_counter()
+    if ray.is_initialized():  # the caller's session (a notebook, a test): use it, leave it running
+        log("using the Ray session already started in this process")
+        return ray, 0.0, False
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
@@ -150,7 +158,7 @@ def start_ray(address: str | None, local_cpus: int | None, log):
     log(f"ray {ray.__version__}: {'connected to ' + address if address else 'started a local cluster'} with "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs "
         f"({time.perf_counter() - t0:.1f} s)")
-    return ray, time.perf_counter() - t0
+    return ray, time.perf_counter() - t0, True
 
 
 class _Committer(threading.Thread):
@@ -178,8 +186,9 @@ class _Committer(threading.Thread):
 def run_corpus_on_ray(corpus: Corpus, manifest: Manifest, config, settings: EmbedSettings, *, workers: int,
                       address: str | None = None, gpus_per_worker: float | str = 0.0, replica_bytes=None,
                       cpus_per_worker: float | None = None, batch_size: int = 64, local_cpus: int | None = None,
-                      log=print) -> CorpusSummary:
-    """Embed the manifest's pending shards on Ray Data; returns the summary (the caller owns nothing of Ray after)."""
+                      progress: bool = True, log=print) -> CorpusSummary:
+    """Embed the manifest's pending shards on Ray Data; returns the summary. Ray is shut down after, unless the
+    caller had started it."""
     if workers < 1:
         raise ValueError(f"workers={workers} is not valid; expected an integer >= 1")
     pending = manifest.pending()
@@ -188,8 +197,9 @@ def run_corpus_on_ray(corpus: Corpus, manifest: Manifest, config, settings: Embe
     if not pending:
         manifest.finish()
         return summary
-    ray, start_s = start_ray(address, local_cpus, log)
+    ray, start_s, owned = start_ray(address, local_cpus, log)
     try:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
         if gpus_per_worker == "auto":
             gpus_per_worker = gpus_per_worker_auto(ray, replica_bytes, log)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -224,11 +234,12 @@ def run_corpus_on_ray(corpus: Corpus, manifest: Manifest, config, settings: Embe
         manifest.finish()
         summary.seconds = time.perf_counter() - t0
         report = ray.get(events.report.remote())
-        summary.real_tokens, summary.padded_tokens, summary.batches = report["tokens"]
+        summary.real_tokens, summary.padded_tokens, summary.batches, summary.truncated = report["tokens"]
         summary.retries = report["restarts"]
         summary.extra = {"workers": workers, "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker,
                          "threads_per_worker": threads, "ray_start_s": round(start_s, 3),
                          "model_load_s": [round(x, 3) for x in report["loads"]]}
         return summary
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()

@@ -12,8 +12,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..runtime.encoder import Embedder, EncodeStats
-from .calibration import CalibrationSet
 from ..runtime.fingerprint import model_fingerprint, same_model
+from .calibration import CalibrationSet
 
 
 def encode_calibration(embedder: Embedder, cset: CalibrationSet,
