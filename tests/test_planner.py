@@ -48,7 +48,13 @@ def test_replicas_per_gpu_follow_the_planner_bytes():
     from lowmem_e5.errors import LowmemError
     from lowmem_e5.jobs.distributed import replicas_per_gpu
     from lowmem_e5.quality.planner import (
-        activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights, replica_bytes, replicas_table)
+        activation_bytes_per_token,
+        e5_mistral_config,
+        meta_model,
+        plan_weights,
+        replica_bytes,
+        replicas_table,
+    )
 
     config = e5_mistral_config()
     rows = {r["mode"]: r for r in replicas_table(config, {"24GiB": 24 << 30, "80GiB": 80 << 30}, 16384)}
