@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
 from lowmem_e5.jobs.atomic import write_json_atomic
-from lowmem_e5.quality.calibration import load_calibration_set
 from lowmem_e5.runtime.batching import plan_batches
+from lowmem_e5.runtime.calibration_set import load_calibration_set
 from lowmem_e5.runtime.pooling import rowwise_cosine
 
 MODES = {"fp32": {"quant": "fp32"}, "bf16": {"quant": "bf16"}, "int8": {"quant": "int8"},

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from lowmem_e5 import Embedder, RuntimeConfig, __version__, load_model
 from lowmem_e5.environment import package_versions
 from lowmem_e5.jobs.atomic import write_json_atomic
-from lowmem_e5.quality.calibration import load_calibration_set
 from lowmem_e5.runtime.batching import fixed_size_batches, padded_tokens, plan_batches
+from lowmem_e5.runtime.calibration_set import load_calibration_set
 from lowmem_e5.runtime.instructions import query_prefix, task_instruction
 from lowmem_e5.runtime.pooling import rowwise_cosine
 from lowmem_e5.runtime.quantization import load_plan

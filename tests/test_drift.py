@@ -12,10 +12,10 @@ import torch
 import lowmem_e5.runtime.encoder as encoder_module
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
 from lowmem_e5.errors import InputError
-from lowmem_e5.quality.calibration import load_calibration_set
 from lowmem_e5.quality.evaluation import drift_run
 from lowmem_e5.quality.reference import embed_calibration, read_reference, write_reference
 from lowmem_e5.quality.thresholds import DRIFT_GATES, gate_failures
+from lowmem_e5.runtime.calibration_set import load_calibration_set
 from lowmem_e5.runtime.pooling import last_token_indices
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.quality.calibration import load_calibration_set
 from lowmem_e5.quality.compare import GridEntry, markdown_table, pareto_front, plot, run_grid
 from lowmem_e5.quality.precision_plans import greedy_plans, linear_sensitivity
 from lowmem_e5.quality.reference import embed_calibration, read_reference, write_reference
+from lowmem_e5.runtime.calibration_set import load_calibration_set
 from lowmem_e5.runtime.tokenization import pad_rows
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
-from lowmem_e5.quality.calibration import load_calibration_set
 from lowmem_e5.quality.reference import embed_calibration, read_reference, write_reference
 from lowmem_e5.quality.repair import RepairConfig, repaired_drift, train_repair_adapter
+from lowmem_e5.runtime.calibration_set import load_calibration_set
 
 from .conftest import DATA
 

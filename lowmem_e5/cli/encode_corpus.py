@@ -32,7 +32,8 @@ def replica_bytes_for(config, source: str):
 
         model_config = AutoConfig.from_pretrained(source)
         dtype = config.compute_dtype or "float16"
-        weights = plan_weights(meta_model(model_config), config.quant, config.double_quant, dtype)
+        weights = plan_weights(meta_model(model_config), config.quant, config.double_quant, dtype,
+                               group_size=config.group_size)
         return replica_bytes(weights, model_config, dtype, config.token_budget)
 
     return compute

@@ -12,16 +12,16 @@ from .shared import add_runtime_args, log, runtime_config
 
 
 def _calibration_rows(args: argparse.Namespace):
-    from ..quality.calibration import load_calibration_set
+    from ..runtime.calibration_set import load_calibration_set
 
     return load_calibration_set(args.set).select(args.split, max_chars=args.max_chars)
 
 
 def _reference_and_set(args: argparse.Namespace, config: RuntimeConfig):
     """The reference (--reference or the model's default path) and the whole calibration set, checked to match."""
-    from ..quality.calibration import load_calibration_set
     from ..quality.evaluation import default_reference_path
     from ..quality.reference import read_reference
+    from ..runtime.calibration_set import load_calibration_set
 
     reference = read_reference(args.reference or default_reference_path(config.model))
     cset = load_calibration_set(args.set)
@@ -36,8 +36,8 @@ def _reference_and_rows(args: argparse.Namespace, config: RuntimeConfig):
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from ..quality.calibration import load_calibration_set
     from ..quality.evaluation import CALIBRATION_MAX_LENGTH, default_reference_path, make_reference, reference_mode
+    from ..runtime.calibration_set import load_calibration_set
 
     config = runtime_config(args)
     if args.quant is None:

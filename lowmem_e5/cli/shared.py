@@ -19,6 +19,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help=f"hub id or local folder (default: {DEFAULT_MODEL!r}, the cached small real model)")
     g.add_argument("--quant", choices=QUANT_MODES, help=f"weight format (default: {d.quant})")
     g.add_argument("--double-quant", action="store_true", default=None, help="also quantise 4-bit block constants")
+    g.add_argument("--group-size", type=int, help=f"gptq4: input columns per group of scales (default: {d.group_size})")
     g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, help="default: float32 on CPU, float16 on GPU")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--max-length", type=int, help=f"tokens per text with BOS and EOS (default: {d.max_length})")
@@ -43,7 +44,7 @@ def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
             raise LowmemError(f"config file {str(args.config)!r} is not valid JSON: {exc}") from None
     overrides = {k: getattr(args, k) for k in ("model", "quant", "double_quant", "compute_dtype", "device",
                                                 "max_length", "token_budget", "truncate", "padding_side",
-                                                "cache_query_prefix", "int8_threshold")}
+                                                "cache_query_prefix", "int8_threshold", "group_size")}
     return base.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 

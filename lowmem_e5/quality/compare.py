@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..jobs.atomic import write_bytes_atomic, write_json_atomic
 from ..results import slug
+from ..runtime.calibration_set import CalibrationSet
 from ..runtime.config import RuntimeConfig
-from .calibration import CalibrationSet
 from .evaluation import drift_run
 from .reference import Reference
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
+from ..runtime.calibration_set import CalibrationSet
 from ..runtime.pooling import cosine_matrix, rowwise_cosine
-from .calibration import CalibrationSet
 
 TOP_K = 10
 

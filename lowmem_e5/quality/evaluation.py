@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from ..results import mode_label, result_record, slug
+from ..runtime.calibration_set import CALIBRATION_DIR, CalibrationSet
 from ..runtime.config import FULL_PRECISION_DTYPES, RuntimeConfig
 from ..runtime.encoder import Embedder
 from ..runtime.loading import load_model
 from ..runtime.sources import resolve_model_source
-from .calibration import CALIBRATION_DIR, CalibrationSet
 from .drift import DriftReport, measure_drift
 from .reference import Reference, embed_calibration, encode_calibration, write_reference
 

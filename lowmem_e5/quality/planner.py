@@ -43,8 +43,16 @@ def meta_model(config) -> torch.nn.Module:
         return MistralModel(config)
 
 
-def linear_bytes(out_features: int, in_features: int, fmt: str, double_quant: bool, full_dtype_bytes: int) -> int:
+GPTQ_KERNEL_TABLE_BYTES = 32  # gptqmodel's CPU kernel (TorchAtenLinear): an int32 (1, 1, 8) unpacking table per layer
+
+
+def linear_bytes(out_features: int, in_features: int, fmt: str, double_quant: bool, full_dtype_bytes: int,
+                 group_size: int = 128) -> int:
     n = out_features * in_features
+    if fmt == "gptq4":  # int32-packed weights, per group fp16 scales and int32-packed zeros, an int32 g_idx per column
+        groups = math.ceil(in_features / group_size)
+        return (n // 2 + groups * math.ceil(out_features / 8) * 4 + groups * out_features * 2 + in_features * 4
+                + GPTQ_KERNEL_TABLE_BYTES)
     if fmt == "full":
         return n * full_dtype_bytes
     if fmt == "int8":
@@ -53,7 +61,7 @@ def linear_bytes(out_features: int, in_features: int, fmt: str, double_quant: bo
         blocks = math.ceil(n / 64)
         constants = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if double_quant else blocks * 4
         return math.ceil(n / 2) + 16 * 4 + constants
-    raise ValueError(f"format {fmt!r} is not valid; expected one of: full, int8, nf4, fp4")
+    raise ValueError(f"format {fmt!r} is not valid; expected one of: full, int8, nf4, fp4, gptq4")
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class WeightPlan:
 
 
 def plan_weights(model: torch.nn.Module, quant: str, double_quant: bool = False, compute_dtype: str = "float16",
-                 overrides: dict[str, str] | None = None) -> WeightPlan:
+                 overrides: dict[str, str] | None = None, group_size: int = 128) -> WeightPlan:
     """Bytes of model's weights when loaded with this mode; overrides: module name -> format for single Linears."""
     overrides = overrides or {}
     full = DTYPE_BYTES[compute_dtype]
@@ -78,7 +86,7 @@ def plan_weights(model: torch.nn.Module, quant: str, double_quant: bool = False,
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             out_f, in_f = module.weight.shape
-            linear += linear_bytes(out_f, in_f, overrides.get(name, base), double_quant, full)
+            linear += linear_bytes(out_f, in_f, overrides.get(name, base), double_quant, full, group_size)
             largest = max(largest, out_f * in_f)
             linear_params.add(id(module.weight))
             if module.bias is not None:
@@ -92,7 +100,7 @@ def plan_weights(model: torch.nn.Module, quant: str, double_quant: bool = False,
             other += linear_bytes(v, h, embed_fmt, double_quant=False, full_dtype_bytes=full)
         elif id(p) not in linear_params:
             other += p.numel() * full
-    label = f"{quant}+dq" if double_quant else quant
+    label = f"{quant}+dq" if double_quant else f"{quant}-g{group_size}" if quant == "gptq4" else quant
     return WeightPlan(mode=label, total=linear + other, linear=linear, other=other, largest_linear=largest)
 
 
@@ -102,7 +110,7 @@ def activation_bytes_per_token(config, compute_dtype: str) -> int:
 
 def workspace_bytes(weights: WeightPlan, compute_dtype: str) -> int:
     """One dequantised weight matrix for 4-bit modes."""
-    return weights.largest_linear * DTYPE_BYTES[compute_dtype] if weights.mode.split("+")[0] in ("nf4", "fp4") else 0
+    return weights.largest_linear * DTYPE_BYTES[compute_dtype] if weights.mode.split("+")[0].split("-")[0] in ("nf4", "fp4", "gptq4") else 0
 
 
 def max_token_budget(card_bytes: int, weights: WeightPlan, config, compute_dtype: str,
@@ -125,16 +133,16 @@ def replicas_table(config, gpus: dict[str, int], token_budget: int, compute_dtyp
     """Per mode: bytes of one replica, and how many fit each GPU (label -> bytes)."""
     model = meta_model(config)
     rows = []
-    for quant, dq in PLAN_MODES:
-        need = replica_bytes(plan_weights(model, quant, dq, compute_dtype), config, compute_dtype, token_budget,
-                             reserve)
-        rows.append({"mode": f"{quant}+dq" if dq else quant, "replica_bytes": need, "token_budget": token_budget,
+    for quant, dq, group in PLAN_MODES:
+        weights = plan_weights(model, quant, dq, compute_dtype, group_size=group)
+        need = replica_bytes(weights, config, compute_dtype, token_budget, reserve)
+        rows.append({"mode": weights.mode, "replica_bytes": need, "token_budget": token_budget,
                      "replicas": {label: size // need for label, size in gpus.items()}})
     return rows
 
 
-PLAN_MODES = [("fp16", False), ("bf16", False), ("int8", False), ("nf4", False), ("nf4", True), ("fp4", False),
-              ("fp4", True)]
+PLAN_MODES = [("fp16", False, 128), ("bf16", False, 128), ("int8", False, 128), ("nf4", False, 128), ("nf4", True, 128),
+              ("fp4", False, 128), ("fp4", True, 128), ("gptq4", False, 128), ("gptq4", False, 64)]
 
 
 def card_sizes(cards_gib=CARDS_GIB) -> dict[str, int]:
@@ -147,8 +155,8 @@ def plan_table(config, cards: dict[str, int] | None = None, compute_dtype: str =
     cards = card_sizes() if cards is None else cards
     model = meta_model(config)
     rows = []
-    for quant, dq in PLAN_MODES:
-        w = plan_weights(model, quant, dq, compute_dtype)
+    for quant, dq, group in PLAN_MODES:
+        w = plan_weights(model, quant, dq, compute_dtype, group_size=group)
         rows.append({"mode": w.mode, "weight_bytes": w.total, "linear_bytes": w.linear, "other_bytes": w.other,
                      "max_token_budget": {label: max_token_budget(size, w, config, compute_dtype, reserve)
                                           for label, size in cards.items()}})

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..runtime.calibration_set import CalibrationSet
 from ..runtime.encoder import Embedder, EncodeStats
 from ..runtime.fingerprint import model_fingerprint, same_model
-from .calibration import CalibrationSet
 
 
 def encode_calibration(embedder: Embedder, cset: CalibrationSet,

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..runtime.calibration_set import CalibrationSet
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder
 from ..runtime.loading import load_model
 from ..runtime.pooling import last_token_pool
 from ..runtime.sources import resolve_model_source
 from ..runtime.tokenization import pad_rows
-from .calibration import CalibrationSet
 from .evaluation import drift_run, reference_rows
 from .reference import Reference
 

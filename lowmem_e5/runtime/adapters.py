@@ -48,10 +48,11 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def _base_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """Module name -> (out_features, in_features), for plain and bitsandbytes Linears alike."""
+    """Module name -> (out_features, in_features), for plain, bitsandbytes and GPTQ Linears alike."""
     shapes = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
+        gptq = type(module).__module__.startswith("gptqmodel.") and hasattr(module, "in_features")
+        if (isinstance(module, torch.nn.Linear) or gptq) and ".lora_" not in name:
             # once wrapped by peft, base_model.model.<name>.base_layer is the original Linear
             clean = name.removeprefix("base_model.model.").removesuffix(".base_layer")
             shapes[clean] = (module.out_features, module.in_features)

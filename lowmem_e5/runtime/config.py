@@ -7,11 +7,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-QuantMode = Literal["fp32", "fp16", "bf16", "int8", "nf4", "fp4"]
+QuantMode = Literal["fp32", "fp16", "bf16", "int8", "nf4", "fp4", "gptq4"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 PaddingSide = Literal["left", "right"]
 
-QUANT_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
+QUANT_MODES: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "gptq4")
+GPTQ_MODES: tuple[str, ...] = ("gptq4",)  # calibrated 4-bit through optimum + gptqmodel (extra [gptq])
+GPTQ_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 FULL_PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FOUR_BIT_MODES: tuple[str, ...] = ("nf4", "fp4")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -64,6 +66,8 @@ class RuntimeConfig:
     # Mixed precision: "module=format" entries over the base quant, e.g. "layers.0.mlp.down_proj=int8" keeps one
     # Linear in 8-bit under nf4, "=full" keeps it unquantised, "embed_tokens=int8" quantises the token embedding.
     overrides: tuple[str, ...] = ()
+    # gptq4: input columns per group of scales and zeros (smaller: more constants, closer weights)
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -100,9 +104,12 @@ class RuntimeConfig:
             raise ValueError(f"cache_query_prefix={self.cache_query_prefix!r} is not valid; expected true or false")
         if not isinstance(self.overrides, tuple):
             object.__setattr__(self, "overrides", tuple(self.overrides))  # lists from JSON
-        if self.overrides and self.quant in FULL_PRECISION_DTYPES:
-            raise ValueError(f"overrides are not valid with quant={self.quant!r}; expected a quantised base mode: "
+        if self.overrides and (self.quant in FULL_PRECISION_DTYPES or self.quant in GPTQ_MODES):
+            raise ValueError(f"overrides are not valid with quant={self.quant!r}; expected a bitsandbytes base mode: "
                              "int8, nf4, fp4")
+        if self.group_size not in GPTQ_GROUP_SIZES or isinstance(self.group_size, bool):
+            raise ValueError(f"group_size={self.group_size!r} is not valid; expected one of: "
+                             f"{', '.join(map(str, GPTQ_GROUP_SIZES))}")
         for entry in self.overrides:
             parse_override(entry)
 

@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError, OutOfMemoryError
 from .adapters import BASE, AdapterInfo, AdapterSet
 from .batching import padded_tokens, plan_batches
+from .config import FULL_PRECISION_DTYPES, GPTQ_MODES
 from .instructions import format_query, task_instruction
 from .loading import LoadedModel
 from .pooling import l2_normalize, last_token_pool
@@ -71,7 +72,9 @@ class Embedder:
         self.config = loaded.config
         self.special = SpecialIds.from_tokenizer(loaded.tokenizer)
         self.token_budget = self.config.token_budget
-        self.adapters = AdapterSet(loaded.model, base_is_quantized=self.config.quant in ("int8", "nf4", "fp4"))
+        self.adapters = AdapterSet(loaded.model, base_is_quantized=self.config.quant not in FULL_PRECISION_DTYPES)
+        # peft routes rows of one batch to their adapters (adapter_names) on plain and bitsandbytes layers only
+        self.routes_rows_to_adapters = self.config.quant not in GPTQ_MODES
         self.prefixes = PrefixStore()
         self.plan = plan_batches  # (lengths, token_budget) -> batches of indices
         # A fast tokenizer may refuse concurrent calls ("Already borrowed"): the server tokenises on request threads
@@ -135,6 +138,8 @@ class Embedder:
         instructions = list(instruction) if isinstance(instruction, (list, tuple)) else [instruction] * n
         if len(instructions) != n:
             raise InputError(f"instruction list has {len(instructions)} entries for {n} texts; expected one per text")
+        if isinstance(adapter, (list, tuple)) and len(set(adapter)) > 1 and not self.routes_rows_to_adapters:
+            return self._encode_per_adapter(tok, instructions, list(adapter), on_batch)
         row_adapters = self._select_adapters(adapter, n)
         lengths = tok.lengths
         out = np.empty((n, self.dim), dtype=np.float32)
@@ -208,6 +213,23 @@ class Embedder:
             return tokenize(self.loaded.tokenizer, list(texts), self.config.max_length, truncate)
 
     # --- internals ----------------------------------------------------------------------------
+    def _encode_per_adapter(self, tok: TokenizedTexts, instructions: list, adapters: list, on_batch):
+        """A mixed-adapter call on a base whose LoRA layers cannot route rows (peft's GPTQ layer takes no
+        adapter_names): one call per adapter over its rows, results in input order."""
+        if len(adapters) != len(tok.rows):
+            raise InputError(f"adapter list has {len(adapters)} entries for {len(tok.rows)} texts; expected one per text")
+        out = np.empty((len(tok.rows), self.dim), dtype=np.float32)
+        stats = EncodeStats(n_texts=len(tok.rows), n_truncated=len(tok.truncated), truncated=list(tok.truncated))
+        for name in dict.fromkeys(adapters):
+            idx = [i for i, a in enumerate(adapters) if a == name]
+            sub = TokenizedTexts(rows=[tok.rows[i] for i in idx], truncated=[])
+            vectors, s = self.encode_tokenized(sub, instruction=[instructions[i] for i in idx], adapter=name,
+                                               on_batch=on_batch)
+            out[idx] = vectors
+            for field_name in ("real_tokens", "padded_tokens", "n_batches", "oom_retries", "prefix_reused_tokens"):
+                setattr(stats, field_name, getattr(stats, field_name) + getattr(s, field_name))
+        return out, stats
+
     def _select_adapters(self, adapter, n: int) -> list[str] | None:
         """Set the adapter state for this call; returns per-row names for a mixed batch, else None."""
         if isinstance(adapter, (list, tuple)):

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..environment import package_versions
+from .checkpoints import read_checkpoint
 
 FULL_HASH_LIMIT = 2 << 30  # files above 2 GiB are hashed by size, header and both ends (a full 14 GB read is minutes)
 
@@ -56,7 +57,12 @@ def local_folder(source: str) -> Path:
 
 
 def model_fingerprint(source: str) -> dict:
+    """A pre-quantised checkpoint (`lowmem-e5 quantize`) carries its source model's fingerprint, so the source's
+    references apply to it; which quantisation it holds is added."""
     folder = local_folder(source)
+    record = read_checkpoint(folder)
+    if record is not None:
+        return {**record["source_fingerprint"], "checkpoint": record["quantization"]}
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)
     config.pop("transformers_version", None)

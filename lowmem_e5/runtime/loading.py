@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelSourceError
-from .config import RuntimeConfig
+from .checkpoints import read_checkpoint, verify_checkpoint
+from .config import GPTQ_MODES, RuntimeConfig
 from .memory import WeightBytes, weight_bytes
-from .quantization import load_plan
+from .quantization import TORCH_DTYPES, LoadPlan, load_plan
 from .sources import resolve_model_source
 
 
@@ -43,16 +44,22 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
 
     source, local = resolve_model_source(config.model)
     device = config.resolved_device()
-    plan = load_plan(config)
     tokenizer = load_tokenizer(source, local)
+    checkpoint = read_checkpoint(source) if local else None
+    if checkpoint is not None:  # pre-quantised by `lowmem-e5 quantize`: transformers reads its quantization_config
+        verify_checkpoint(source, checkpoint, config)
+        if config.quant in GPTQ_MODES:
+            from .gptq import require_gptq
+
+            require_gptq()
+        plan = LoadPlan(dtype=TORCH_DTYPES[config.resolved_compute_dtype()], quantization_config=None)
+    else:
+        plan = load_plan(config, tokenizer)
     try:
-        model = AutoModel.from_pretrained(
-            source,
-            dtype=plan.dtype,
-            quantization_config=plan.quantization_config,
-            device_map={"": device},
-            local_files_only=local,
-        )
+        # a pre-quantised folder's own quantization_config applies only when none is passed, not even None
+        quantization = {"quantization_config": plan.quantization_config} if plan.quantization_config else {}
+        model = AutoModel.from_pretrained(source, dtype=plan.dtype, device_map={"": device}, local_files_only=local,
+                                          **quantization)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load model {source!r} with quant={config.quant!r}: {exc}") from exc
     if config.overrides:

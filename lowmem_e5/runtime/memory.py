@@ -1,4 +1,4 @@
-"""Exact bytes of a loaded model's weights, bitsandbytes quantisation constants included."""
+"""Exact bytes of a loaded model's weights, bitsandbytes and GPTQ quantisation constants included."""
 
 from __future__ import annotations
 
@@ -46,9 +46,29 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes)
 
 
+GPTQ_PACKED = ("qweight",)  # int32 words of eight 4-bit weights; scales, qzeros, g_idx and the kernel's small
+# unpacking tables are constants
+
+
+def _gptq_buffers(model: torch.nn.Module):
+    """(name, tensor) of every buffer of gptqmodel's quantised Linear layers."""
+    for module in model.modules():
+        if type(module).__module__.startswith("gptqmodel."):
+            for name, buf in module.named_buffers(recurse=False):
+                yield name, buf
+
+
 def weight_bytes(model: torch.nn.Module) -> WeightBytes:
     seen: set[tuple] = set()
     quantized = constants = full = 0
+    for name, buf in _gptq_buffers(model):
+        key = _key(buf)
+        if key not in seen:
+            seen.add(key)
+            if name in GPTQ_PACKED:
+                quantized += buf.numel() * buf.element_size()
+            else:
+                constants += buf.numel() * buf.element_size()
     for param in model.parameters():  # parameters() already skips tied duplicates
         key = _key(param)
         if key not in seen:
@@ -67,10 +87,10 @@ def weight_bytes(model: torch.nn.Module) -> WeightBytes:
 
 
 def quantized_linear_count(model: torch.nn.Module) -> dict[str, int]:
-    """How many modules of each bitsandbytes class the model holds (empty when not quantised)."""
+    """How many modules of each bitsandbytes or gptqmodel class the model holds (empty when not quantised)."""
     counts: dict[str, int] = {}
     for module in model.modules():
         name = type(module).__name__
-        if type(module).__module__.startswith("bitsandbytes"):
+        if type(module).__module__.startswith(("bitsandbytes", "gptqmodel.")):
             counts[name] = counts.get(name, 0) + 1
     return counts

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FULL_PRECISION_DTYPES, RuntimeConfig
+from .config import FULL_PRECISION_DTYPES, GPTQ_MODES, RuntimeConfig
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -19,12 +19,17 @@ class LoadPlan:
     quantization_config: object | None  # transformers.BitsAndBytesConfig
 
 
-def load_plan(config: RuntimeConfig) -> LoadPlan:
+def load_plan(config: RuntimeConfig, tokenizer=None) -> LoadPlan:
+    """tokenizer: needed for gptq4, which calibrates on the calibration set's tuning split as the model reads it."""
     from transformers import BitsAndBytesConfig
 
     if config.quant in FULL_PRECISION_DTYPES:
         return LoadPlan(dtype=TORCH_DTYPES[FULL_PRECISION_DTYPES[config.quant]], quantization_config=None)
     compute = TORCH_DTYPES[config.resolved_compute_dtype()]
+    if config.quant in GPTQ_MODES:
+        from .gptq import gptq_config
+
+        return LoadPlan(dtype=compute, quantization_config=gptq_config(config, tokenizer))
     # Linears with a per-module override skip the conversion; the loader converts them afterwards.
     skip = [name for name in config.override_map() if name != "embed_tokens"] or None
     if config.quant == "int8":

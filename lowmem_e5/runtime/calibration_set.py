@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import InputError
-from ..runtime.instructions import format_query, task_instruction
+from .instructions import format_query, task_instruction
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"  # the repository's calibration/
 DEFAULT_SET = CALIBRATION_DIR / "set_v1.jsonl"

@@ -1,0 +1,58 @@
+"""gptq4: calibrated 4-bit weights (GPTQ, group-wise scales and zeros) through transformers' GPTQConfig, which runs
+optimum's GPTQQuantizer on the gptqmodel backend (the optional extra `[gptq]`).
+
+The calibration rows are the calibration set's tuning split exactly as the model reads it: queries with their task
+instruction, documents bare, each tokenised as BOS + content + EOS (runtime/tokenization); never the held-out split,
+on which drift is measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..errors import LowmemError
+from .config import RuntimeConfig
+
+GPTQ_EXTRA = "pip install 'lowmem-e5[gptq]'"
+CALIBRATION_MAX_TOKENS = 512
+
+
+def require_gptq() -> None:
+    """Import gptqmodel once, undoing what its import does to the process: it points HF_HOME and the hub caches at
+    a folder of its own (/tmp/tokenicer_hf_home), sets allocator variables, and lowers the root logger to INFO."""
+    env, root_level = dict(os.environ), logging.getLogger().level
+    try:
+        import gptqmodel  # noqa: F401
+        import optimum.gptq  # noqa: F401
+    except ImportError as exc:
+        raise LowmemError(f"quant='gptq4' needs optimum and gptqmodel ({exc.name} is missing); install the extra: "
+                          f"{GPTQ_EXTRA}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        logging.getLogger().setLevel(root_level)
+
+
+def calibration_rows(tokenizer, max_tokens: int = CALIBRATION_MAX_TOKENS) -> list[dict]:
+    """The tuning split, pre-tokenised as optimum takes it: one {"input_ids", "attention_mask"} batch per text."""
+    from .calibration_set import load_calibration_set
+    from .tokenization import tokenize
+
+    texts = load_calibration_set().select("tune").model_texts()
+    rows = tokenize(tokenizer, texts, max_length=max_tokens).rows
+    return [{"input_ids": [list(r)], "attention_mask": [[1] * len(r)]} for r in rows]
+
+
+def gptq_config(config: RuntimeConfig, tokenizer):
+    from transformers import GPTQConfig
+
+    require_gptq()
+    if tokenizer is None:
+        raise ValueError("gptq4 quantises at load from calibration rows: pass the model's tokenizer")
+    return GPTQConfig(bits=4, group_size=config.group_size, desc_act=False, sym=True, dataset=calibration_rows(tokenizer),
+                      tokenizer=tokenizer, block_name_to_quantize="layers")
+
+
+def is_gptq_module(module) -> bool:
+    return type(module).__module__.startswith("gptqmodel.")

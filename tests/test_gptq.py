@@ -1,0 +1,82 @@
+"""gptq4: real gptqmodel layers calibrated on the tuning split, exact bytes, and adapters on top (extra [gptq])."""
+
+import importlib.util
+import logging
+import os
+
+import numpy as np
+import pytest
+
+# find_spec, not import: gptqmodel's import changes HF_HOME and logging for the whole process (runtime/gptq undoes it)
+if importlib.util.find_spec("gptqmodel") is None:
+    pytest.skip("the [gptq] extra is not installed: pip install 'lowmem-e5[gptq]'", allow_module_level=True)
+
+from transformers import AutoConfig  # noqa: E402
+
+from lowmem_e5 import Embedder, RuntimeConfig, load_model  # noqa: E402
+from lowmem_e5.quality.planner import meta_model, plan_weights  # noqa: E402
+from lowmem_e5.runtime.adapters import AdapterError  # noqa: E402
+from lowmem_e5.runtime.gptq import calibration_rows  # noqa: E402
+from lowmem_e5.runtime.memory import quantized_linear_count  # noqa: E402
+from lowmem_e5.runtime.pooling import rowwise_cosine  # noqa: E402
+
+from .conftest import MIXED_TEXTS, fill_batches  # noqa: E402
+
+TEXTS = MIXED_TEXTS[:5]
+
+
+@pytest.fixture(scope="module")
+def gptq_tiny(tiny_model_dir):
+    env, level = dict(os.environ), logging.getLogger().level
+    embedder = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="gptq4", group_size=32,
+                                                 max_length=256)))
+    assert dict(os.environ) == env and logging.getLogger().level == level, "loading gptq4 changed the environment or logging"
+    return embedder
+
+
+def test_calibration_rows_are_the_tuning_split_as_the_model_reads_it(tiny_embedder):
+    from lowmem_e5.runtime.calibration_set import load_calibration_set
+
+    tune = load_calibration_set().select("tune")
+    rows = calibration_rows(tiny_embedder.loaded.tokenizer)
+    assert len(rows) == len(tune.rows)
+    expected = tiny_embedder.tokenize(tune.model_texts()[:3])
+    for row, ids in zip(rows, expected.rows):
+        assert row["input_ids"] == [list(ids)] and row["attention_mask"] == [[1] * len(ids)]
+        assert ids[0] == tiny_embedder.loaded.tokenizer.bos_token_id and ids[-1] == 2  # BOS ... EOS
+
+
+def test_gptq4_uses_gptqmodel_layers_with_exact_bytes_and_close_vectors(gptq_tiny, tiny_model_dir, tiny_embedder):
+    counts = quantized_linear_count(gptq_tiny.model)
+    assert sum(counts.values()) == 14 and all(not name.startswith("Linear") for name in counts)  # 7 per layer
+    planned = plan_weights(meta_model(AutoConfig.from_pretrained(tiny_model_dir)), "gptq4", False, "float32",
+                           group_size=32)
+    assert planned.total == gptq_tiny.loaded.weight_bytes.total
+    assert gptq_tiny.loaded.weight_bytes.quantized == 36_864  # 73,728 weights, 4 bits each
+    quantized, _ = gptq_tiny.encode(TEXTS)
+    full, _ = tiny_embedder.encode(TEXTS)
+    cos = rowwise_cosine(quantized, full)
+    assert 0.95 < cos.min() and cos.max() < 1.0 - 1e-6  # close, and really quantised
+
+
+def test_adapters_on_a_gptq_base_switch_and_batch_per_row(gptq_tiny, tiny_adapters):
+    e = gptq_tiny
+    base = e.encode(TEXTS)[0]
+    for name in ("A", "B"):
+        e.load_adapter(name, tiny_adapters[name])
+    a, b = e.encode(TEXTS, adapter="A")[0], e.encode(TEXTS, adapter="B")[0]
+    assert rowwise_cosine(a, base).max() < 0.999 and rowwise_cosine(a, b).max() < 0.999
+    assert np.array_equal(e.encode(TEXTS)[0], base)
+    choice = ["A", None, "B", "A", None]
+    alone = np.stack([e.encode([t], adapter=c)[0][0] for t, c in zip(TEXTS, choice)])
+    plan = e.plan
+    e.plan = fill_batches
+    try:
+        mixed, stats = e.encode(TEXTS, adapter=choice)
+    finally:
+        e.plan = plan
+    # peft's GPTQ LoRA layer cannot route rows: one batch per adapter, each row still gets its own adapter's vector
+    assert not e.routes_rows_to_adapters and stats.n_batches == 3 and stats.n_texts == 5
+    assert rowwise_cosine(mixed, alone).min() >= 0.9999
+    with pytest.raises(AdapterError, match="cannot be merged into a quantised base"):
+        e.adapters.merge("A")
