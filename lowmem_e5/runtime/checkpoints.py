@@ -9,7 +9,6 @@ stored one. Written into a temporary sibling folder and renamed into place: an i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,20 +16,13 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelSourceError, OutputError
+from ..hashing import file_sha256
 from .config import RuntimeConfig
 
 CHECKPOINT_FILE = "lowmem_e5_checkpoint.json"
 QUANT_FIELDS = ("quant", "double_quant", "group_size")  # what the stored weights are; int8_threshold is a runtime knob
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 SAVABLE = ("int8", "nf4", "fp4", "gptq4")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -68,7 +60,7 @@ def verify_checkpoint(folder: str | Path, record: dict, config: RuntimeConfig) -
     for name in sorted(present - set(expected)):
         raise ModelSourceError(f"model folder {str(folder)!r}: weight file {name!r} is not part of the checkpoint")
     for name, sha in expected.items():
-        if _sha256(folder / name) != sha:
+        if file_sha256(folder / name) != sha:
             raise ModelSourceError(f"model folder {str(folder)!r}: weight file {name!r} does not match its sha256 in "
                                    f"{CHECKPOINT_FILE} (corrupted or replaced); run `lowmem-e5 quantize` again")
 
@@ -96,7 +88,7 @@ def save_quantized(loaded, output: str | Path, source_fingerprint: dict) -> Path
             "source": loaded.source,
             "source_fingerprint": source_fingerprint,
             "weight_bytes": loaded.weight_bytes.to_dict(),
-            "weights_sha256": {p.name: _sha256(p) for p in weight_files(tmp)},
+            "weights_sha256": {p.name: file_sha256(p) for p in weight_files(tmp)},
         }
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.rename(tmp, output)
