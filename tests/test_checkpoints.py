@@ -47,6 +47,9 @@ def test_bad_checkpoint_folders_are_refused_with_the_reason(tmp_path, tiny_model
         load_model(RuntimeConfig(model=str(tmp_path / "ck"), quant="int8"))
     with pytest.raises(ModelSourceError, match=r"double_quant=True \(stored: False\)"):
         load_model(RuntimeConfig(model=str(tmp_path / "ck"), quant="nf4", double_quant=True))
+    quantize(tiny_model_dir, tmp_path / "ck8", "int8")
+    with pytest.raises(ModelSourceError, match=r"int8 checkpoint saved with int8_threshold=6.0; int8_threshold=0.0"):
+        load_model(RuntimeConfig(model=str(tmp_path / "ck8"), quant="int8", int8_threshold=0.0))
     weights = tmp_path / "ck" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF

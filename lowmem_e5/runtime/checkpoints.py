@@ -52,6 +52,11 @@ def verify_checkpoint(folder: str | Path, record: dict, config: RuntimeConfig) -
                                f"{', '.join(wrong)} contradicts it: load it with --quant {stored['quant']}"
                                + (" --double-quant" if stored["double_quant"] else "")
                                + (f" --group-size {stored['group_size']}" if stored["quant"] == "gptq4" else ""))
+    stored_threshold = record["runtime_config"].get("int8_threshold")
+    if stored["quant"] == "int8" and config.int8_threshold != stored_threshold:  # kept in the saved quantization_config
+        raise ModelSourceError(f"model folder {str(folder)!r} is an int8 checkpoint saved with int8_threshold="
+                               f"{stored_threshold}; int8_threshold={config.int8_threshold} contradicts it: pass "
+                               f"--int8-threshold {stored_threshold}, or quantise again with the one you want")
     expected = record["weights_sha256"]
     present = {p.name for p in weight_files(folder)}
     for name in sorted(set(expected) - present):
