@@ -12,8 +12,9 @@ import torch
 from .environment import package_versions
 
 
-def mode_label(quant: str, double_quant: bool = False, plan: str | None = None) -> str:
-    label = f"{quant}+dq" if double_quant else quant
+def mode_label(quant: str, double_quant: bool = False, plan: str | None = None,
+               group_size: int | None = None) -> str:
+    label = f"{quant}+dq" if double_quant else f"{quant}-g{group_size}" if group_size else quant
     return f"{label}:{plan}" if plan else label
 
 

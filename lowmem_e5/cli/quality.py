@@ -196,7 +196,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--reference", type=Path)
     cp.add_argument("--split", default="heldout", choices=("tune", "heldout", "all"))
     cp.add_argument("--max-chars", type=int)
-    cp.add_argument("--modes", help="comma-separated subset of: fp32,fp16,bf16,int8,nf4,nf4+dq,fp4,fp4+dq")
+    cp.add_argument("--modes", help="comma-separated subset of: fp32,fp16,bf16,int8,nf4,nf4+dq,fp4,fp4+dq,"
+                    "gptq4-g128,gptq4-g64 (gptq4: extra [gptq])")
     cp.add_argument("--scan", type=Path, help="a `lowmem-e5 scan` result: adds its mixed plans to the grid")
     cp.add_argument("--out-dir", type=Path, default=Path("calibration/results/compare"))
     cp.add_argument("--force", action="store_true", help="recompute runs whose result file exists")

@@ -21,18 +21,26 @@ class GridEntry:
     double_quant: bool = False
     overrides: tuple[str, ...] = ()
     plan: str | None = None  # short description of a mixed plan
+    group_size: int = 128  # gptq4 only
 
 
 BASE_GRID = [GridEntry("fp32", "fp32"), GridEntry("fp16", "fp16"), GridEntry("bf16", "bf16"),
              GridEntry("int8", "int8"), GridEntry("nf4", "nf4"), GridEntry("nf4+dq", "nf4", True),
-             GridEntry("fp4", "fp4"), GridEntry("fp4+dq", "fp4", True)]
+             GridEntry("fp4", "fp4"), GridEntry("fp4+dq", "fp4", True),
+             GridEntry("gptq4-g128", "gptq4", group_size=128), GridEntry("gptq4-g64", "gptq4", group_size=64)]
+
+
+def gptq_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
 
 
 def default_grid(device: str) -> list[GridEntry]:
     """The reference precision of the device and everything below it: fp32 on CPU (where fp16 matmuls are
-    several times slower and add nothing), fp16 on GPU."""
+    several times slower and add nothing), fp16 on GPU; gptq4 when the extra [gptq] is installed."""
     skip = "fp16" if device == "cpu" else "fp32"
-    return [e for e in BASE_GRID if e.label != skip]
+    return [e for e in BASE_GRID if e.label != skip and (e.quant != "gptq4" or gptq_available())]
 
 
 def plan_entries(scan: dict) -> list[GridEntry]:
@@ -59,7 +67,8 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
             log(f"[{i}/{len(entries)}] {e.label}: kept {path.name}")
             records.append(json.loads(path.read_text()))
             continue
-        config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides)
+        config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides,
+                              group_size=e.group_size)
         run = drift_run(config, reference, cset, plan=e.plan)
         run.record["run"]["label"] = e.label
         write_json_atomic(path, run.record)

@@ -71,7 +71,8 @@ def drift_run(config: RuntimeConfig, reference: Reference, cset: CalibrationSet,
     tokens = stats.real_tokens
     report = measure_drift(vectors, reference_rows(reference, cset), cset)
     record = result_record(
-        run={"mode": mode_label(config.quant, config.double_quant, plan), "config": config.to_dict(),
+        run={"mode": mode_label(config.quant, config.double_quant, plan,
+                                 config.group_size if config.quant == "gptq4" else None), "config": config.to_dict(),
              "model_source": source, "set_version": cset.version, "n_texts": len(cset.rows),
              "reference_mode": reference.mode, "max_length": reference.max_length},
         quality=report.to_dict(),

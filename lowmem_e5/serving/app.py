@@ -131,7 +131,9 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
         e = scheduler.embedder
         return JSONResponse({
             "status": "ok", "model": e.loaded.source, "served_name": config.served_name,
-            "mode": mode_label(e.config.quant, e.config.double_quant), "device": e.loaded.device,
+            "mode": mode_label(e.config.quant, e.config.double_quant, None,
+                               e.config.group_size if e.config.quant == "gptq4" else None),
+            "device": e.loaded.device,
             "weight_bytes": e.loaded.weight_bytes.total, "max_length": e.config.max_length,
             "adapters": sorted(scheduler.adapter_names),
         })
