@@ -144,8 +144,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from ..results import mode_label
 
     config = runtime_config(args)
-    if config.quant not in ("int8", "nf4", "fp4"):
-        raise LowmemError(f"--quant {config.quant} needs no repair; expected a quantised mode: int8, nf4, fp4")
+    if config.quant not in ("int8", "nf4", "fp4", "gptq4"):
+        raise LowmemError(f"--quant {config.quant} needs no repair; expected a quantised mode: int8, nf4, fp4, gptq4")
     reference, cset = _reference_and_set(args, config)
     tune = cset.select("tune", max_chars=args.max_chars)
     heldout = cset.select("heldout", max_chars=args.max_chars)
