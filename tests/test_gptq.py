@@ -34,6 +34,17 @@ def gptq_tiny(tiny_model_dir):
     return embedder
 
 
+def test_a_group_size_that_does_not_divide_the_widths_is_refused_before_quantising(tiny_model_dir, real_model_dir):
+    from lowmem_e5.errors import ModelSourceError
+    from lowmem_e5.runtime.gptq import group_size_problem
+
+    with pytest.raises(ModelSourceError, match=r"group_size=128 does not divide this model's hidden_size 64, "
+                                               r"attention width \(heads x head_dim\) 64; .*use --group-size 64"):
+        load_model(RuntimeConfig(model=str(tiny_model_dir), quant="gptq4", group_size=128))
+    small = AutoConfig.from_pretrained(real_model_dir)  # hidden 576 = 4.5 x 128
+    assert "hidden_size 576" in group_size_problem(small, 128) and group_size_problem(small, 64) is None
+
+
 def test_calibration_rows_are_the_tuning_split_as_the_model_reads_it(tiny_embedder):
     from lowmem_e5.runtime.calibration_set import load_calibration_set
 

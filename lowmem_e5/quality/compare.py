@@ -69,6 +69,16 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
             continue
         config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides,
                               group_size=e.group_size)
+        if e.quant == "gptq4":
+            from transformers import AutoConfig
+
+            from ..runtime.gptq import group_size_problem
+            from ..runtime.sources import resolve_model_source
+
+            problem = group_size_problem(AutoConfig.from_pretrained(resolve_model_source(base.model)[0]), e.group_size)
+            if problem:
+                log(f"[{i}/{len(entries)}] {e.label}: skipped, {problem}")
+                continue
         run = drift_run(config, reference, cset, plan=e.plan)
         run.record["run"]["label"] = e.label
         write_json_atomic(path, run.record)

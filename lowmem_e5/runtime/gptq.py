@@ -56,3 +56,19 @@ def gptq_config(config: RuntimeConfig, tokenizer):
 
 def is_gptq_module(module) -> bool:
     return type(module).__module__.startswith("gptqmodel.")
+
+
+def group_size_problem(model_config, group_size: int) -> str | None:
+    """Why this model cannot take gptq4 at this group size, or None: gptqmodel's kernels (the CPU one here) need every
+    quantised Linear's input width to be a multiple of the group size (found on the default small model: hidden
+    576 with group 128 quantises, then fails at the first forward)."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    widths = {"hidden_size": model_config.hidden_size, "intermediate_size": model_config.intermediate_size,
+              "attention width (heads x head_dim)": heads * head_dim}
+    bad = [f"{name} {w}" for name, w in widths.items() if w % group_size]
+    if not bad:
+        return None
+    fits = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths.values())]
+    return (f"group_size={group_size} does not divide this model's {', '.join(bad)}; gptqmodel's kernels need it"
+            + (f": use --group-size {fits[0]}" if fits else ""))

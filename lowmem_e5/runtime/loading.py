@@ -54,6 +54,14 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
             require_gptq()
         plan = LoadPlan(dtype=TORCH_DTYPES[config.resolved_compute_dtype()], quantization_config=None)
     else:
+        if config.quant in GPTQ_MODES:  # before the calibration pass, which takes minutes
+            from transformers import AutoConfig
+
+            from .gptq import group_size_problem
+
+            problem = group_size_problem(AutoConfig.from_pretrained(source, local_files_only=local), config.group_size)
+            if problem:
+                raise ModelSourceError(f"cannot quantise model {source!r} to gptq4: {problem}")
         plan = load_plan(config, tokenizer)
     try:
         # a pre-quantised folder's own quantization_config applies only when none is passed, not even None
