@@ -96,8 +96,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          "on Ray)")
     enc.add_argument("--input", required=True, type=Path, help="a .txt or .jsonl file; for a folder output also a "
                      ".parquet file or a folder of .jsonl / .parquet shards")
-    enc.add_argument("--output", required=True, type=Path, help="a .npy file (rows follow the input order), or a folder "
-                     "of Parquet shards (id + embedding per row, one shard=<name>/ per input shard, _manifest.json)")
+    enc.add_argument("--output", required=True, type=Path, help="a .npy file (rows follow the input order), or a "
+                     "folder of Parquet shards (id + embedding per row, one shard=<name>/ per input shard, _manifest.json)")
     enc.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text (default: text)")
     enc.add_argument("--id-field", help="field / column holding each row's id (default: 'id' if the first row has "
                      "one, else the row's position in the corpus)")
@@ -111,7 +111,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ray = enc.add_argument_group("scale-out on Ray Data (extra [ray]; folder output)")
     ray.add_argument("--ray", action="store_true", help="embed on a Ray cluster (a local one unless --address)")
     ray.add_argument("--address", help="Ray cluster to join: 'auto' (the one `ray start` runs here) or HOST:PORT")
-    ray.add_argument("--local-cpus", type=int, help="CPUs of the local cluster started without --address (default: all)")
+    ray.add_argument("--local-cpus", type=int,
+                     help="CPUs of the local cluster started without --address (default: all)")
     ray.add_argument("--workers", type=int, default=1, help="model replicas, one Ray actor each (default 1)")
     ray.add_argument("--gpus-per-worker", default="auto", help="GPU share per worker, e.g. 0.25, or 'auto': as many "
                      "replicas per GPU as `lowmem-e5 plan` says fit at --token-budget (CPU workers without GPUs)")

@@ -30,7 +30,8 @@ def model_config(name: str):
 
     path = Path(name)
     if not path.exists():
-        raise LowmemError(f"model config {name!r} does not exist; expected 'e5-mistral' or a config.json / model folder")
+        raise LowmemError(f"model config {name!r} does not exist; expected 'e5-mistral' or a config.json / model "
+                          "folder")
     return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
 
 

@@ -110,7 +110,8 @@ def activation_bytes_per_token(config, compute_dtype: str) -> int:
 
 def workspace_bytes(weights: WeightPlan, compute_dtype: str) -> int:
     """One dequantised weight matrix for 4-bit modes."""
-    return weights.largest_linear * DTYPE_BYTES[compute_dtype] if weights.mode.split("+")[0].split("-")[0] in ("nf4", "fp4", "gptq4") else 0
+    base_mode = weights.mode.split("+")[0].split("-")[0]  # "nf4+dq" -> nf4, "gptq4-g128" -> gptq4
+    return weights.largest_linear * DTYPE_BYTES[compute_dtype] if base_mode in ("nf4", "fp4", "gptq4") else 0
 
 
 def max_token_budget(card_bytes: int, weights: WeightPlan, config, compute_dtype: str,
