@@ -8,6 +8,11 @@ Records per mode: exact weight bytes (and the planner's), peak memory for a 512-
 (and the planner's activation estimate), tokens/s at a few token budgets, and the query prefix cache's speedup
 (64 queries of 12 tokens after a 24-token instruction, whole rows vs the cached prefix), and for --serve-modes the
 real server's texts/s under 32 concurrent clients, with cross-request batching and one request at a time. One JSON.
+
+gptq4 (when the [gptq] extra's packages are there): the first --gptq-layers decoder layers at full size, quantised
+with optimum's GPTQQuantizer on gptqmodel (group size 128, random calibration tokens: GPTQ's cost and its layers'
+bytes and speed do not depend on the values), measured beside nf4 on the same layers: exact bytes against the
+planner, tokens/s and their ratio. A failure there is recorded in the JSON, not fatal to the other measurements.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from lowmem_e5.jobs.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.quality.planner import activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights  # noqa: E402
 from lowmem_e5.results import environment  # noqa: E402
-from lowmem_e5.runtime.memory import weight_bytes  # noqa: E402
+from lowmem_e5.runtime.memory import quantized_linear_count, weight_bytes  # noqa: E402
 from lowmem_e5.runtime.overrides import to_int8_linear  # noqa: E402
 from lowmem_e5.runtime.pooling import l2_normalize, last_token_pool, rowwise_cosine  # noqa: E402
 from lowmem_e5.runtime.prefix_cache import RowPrefixes, compute_prefix_state, reading_cache  # noqa: E402
@@ -73,6 +78,55 @@ def build(config, quant: str, double_quant: bool, device: str, dtype) -> torch.n
 
         keep_4bit_layout_stable(model)
     return model.eval()
+
+
+def build_gptq(config, group_size: int, device: str, dtype, rows: int = 8, seq_len: int = 512):
+    """A MistralModel of `config` with random weights, GPTQ-quantised in place on `device` (optimum's GPTQQuantizer on
+    the gptqmodel backend, as transformers' GPTQConfig runs it), from `rows` random calibration rows."""
+    from optimum.gptq import GPTQQuantizer
+    from transformers import MistralModel
+
+    from lowmem_e5.runtime.gptq import require_gptq
+
+    require_gptq()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MistralModel(config).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    dataset = [{"input_ids": [[1] + torch.randint(3, config.vocab_size, (seq_len - 2,), generator=g).tolist() + [2]],
+                "attention_mask": [[1] * seq_len]} for _ in range(rows)]
+    quantizer = GPTQQuantizer(bits=4, group_size=group_size, desc_act=False, sym=True, dataset=dataset,
+                              block_name_to_quantize="layers", model_seqlen=seq_len)
+    quantizer.quantize_model(model, tokenizer=None)
+    return model.eval()
+
+
+def gptq_beside_nf4(config, layers: int, group_size: int, device: str, dtype, dtype_name: str, budgets: list[int],
+                    repeats: int) -> dict:
+    """gptq4 and nf4 on the first `layers` decoder layers of `config`: bytes (measured and planned), tokens/s."""
+    few = config.__class__(**{**config.to_dict(), "num_hidden_layers": layers})
+    meta = meta_model(few)
+    result: dict = {"layers": layers, "group_size": group_size}
+    try:
+        t0 = time.perf_counter()
+        gptq = build_gptq(few, group_size, device, dtype)
+        result["quantize_seconds"] = time.perf_counter() - t0
+    except Exception as exc:  # a GPU image without the extra's packages, or a kernel gptqmodel cannot build there
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        return result
+    nf4 = build(few, "nf4", False, device, dtype)
+    for label, model in (("gptq4", gptq), ("nf4", nf4)):
+        quant = "gptq4" if label == "gptq4" else "nf4"
+        result[label] = {"weight_bytes": weight_bytes(model).total,
+                         "planned_weight_bytes": plan_weights(meta, quant, False, dtype_name,
+                                                              group_size=group_size).total,
+                         "layers_by_type": quantized_linear_count(model),
+                         "tokens_per_second": {str(b): tokens_per_second(model, b, 512, device, repeats)
+                                               for b in budgets}}
+    result["gptq4_over_nf4_tokens_per_second"] = {
+        b: result["gptq4"]["tokens_per_second"][b] / result["nf4"]["tokens_per_second"][b]
+        for b in result["gptq4"]["tokens_per_second"]}
+    return result
 
 
 def forward(model, batch_rows: int, seq_len: int, device: str) -> None:
@@ -234,6 +288,8 @@ def main() -> None:
     ap.add_argument("--serve-modes", default="nf4", help="modes whose server throughput is measured ('' for none)")
     ap.add_argument("--serve-seconds", type=float, default=8.0)
     ap.add_argument("--serve-clients", type=int, default=32)
+    ap.add_argument("--gptq-layers", type=int, default=2, help="full-size decoder layers quantised with GPTQ (0: skip)")
+    ap.add_argument("--gptq-group-size", type=int, default=128)
     args = ap.parse_args()
     config = tiny_config() if args.tiny else e5_mistral_config()
     dtype = torch.float32 if args.device == "cpu" else torch.float16
@@ -266,9 +322,14 @@ def main() -> None:
         gc.collect()
         if args.device != "cpu":
             torch.cuda.empty_cache()
+    gptq = None
+    if args.gptq_layers:
+        gptq = gptq_beside_nf4(config, args.gptq_layers, args.gptq_group_size, args.device, dtype, dtype_name, budgets,
+                               args.repeats)
+        print(json.dumps({"gptq4": gptq}), flush=True)
     result = {"run": {"script": "scripts/gpu_check.py", "argv": sys.argv[1:], "config": "tiny" if args.tiny else
                       "e5-mistral-7b (random weights)", "device": args.device},
-              "modes": rows, "environment": environment()}
+              "modes": rows, "gptq4": gptq, "environment": environment()}
     write_json_atomic(args.out, result)
     print("| mode | weight bytes (measured) | planned | peak 8x512 | peak 1x4096 | tokens/s @ budgets "
           "| prefix cache speedup (cos min) |")
@@ -279,6 +340,14 @@ def main() -> None:
         print(f"| {r['mode']} | {r['weight_bytes']:,} | {r['planned_weight_bytes']:,} | "
               + " | ".join("-" if p is None else f"{p:,}" for p in peaks) + f" | {tps} "
               + f"| {r['prefix_cache']['speedup']:.2f}x ({r['prefix_cache']['cosine_min']:.4f}) |")
+    if gptq and "error" in gptq:
+        print(f"gptq4: not measured, {gptq['error'][:300]}")
+    elif gptq:
+        print(f"gptq4 on {gptq['layers']} full-size layers (g{gptq['group_size']}, quantised in "
+              f"{gptq['quantize_seconds']:.1f} s): " + "; ".join(
+                  f"{m} {gptq[m]['weight_bytes']:,} bytes (planned {gptq[m]['planned_weight_bytes']:,})"
+                  for m in ("gptq4", "nf4")) + "; gptq4/nf4 tokens/s " + ", ".join(
+                  f"{b}: {v:.2f}x" for b, v in gptq["gptq4_over_nf4_tokens_per_second"].items()))
     for r in rows:
         if "server" in r:
             s = r["server"]

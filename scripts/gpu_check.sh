@@ -9,6 +9,11 @@ export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
+  for sdist in .whl/sdist/*.tar.gz; do  # gptqmodel's C dependency: built here; gptq4 is skipped if it fails
+    [ -e "$sdist" ] || continue
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site "$sdist" \
+      || echo "could not build $sdist: gptq4 will report the import error"
+  done
 else
   export PYTHONPATH="$PWD"  # a machine that already has the packages (pip install -e . there)
 fi

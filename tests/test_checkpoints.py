@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
 from lowmem_e5.errors import ModelSourceError, OutputError
 from lowmem_e5.runtime.checkpoints import CHECKPOINT_FILE, save_quantized
 from lowmem_e5.runtime.fingerprint import model_fingerprint, same_model
+from lowmem_e5.runtime.pooling import rowwise_cosine
 
 from .conftest import MIXED_TEXTS
 
@@ -38,6 +40,24 @@ def test_a_saved_checkpoint_loads_to_the_same_vectors_and_bytes(tmp_path, tiny_m
     assert same_model(model_fingerprint(str(tiny_model_dir)), fingerprint) == []  # the source's references apply
     assert fingerprint["checkpoint"]["quant"] == quant
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_4bit_checkpoint_made_in_float32_computes_in_the_runtime_dtype(tmp_path, tiny_model_dir):
+    """Quantised on a CPU (float32), loaded where the runtime computes in another dtype (float16 on a GPU; bfloat16
+    here): the runtime's dtype wins, as when quantising at load, not the one stored in the checkpoint."""
+    from bitsandbytes.nn import Linear4bit
+
+    quantize(tiny_model_dir, tmp_path / "ck", "nf4")
+    at_load = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="nf4", compute_dtype="bfloat16",
+                                                max_length=256)))
+    saved = Embedder(load_model(RuntimeConfig(model=str(tmp_path / "ck"), quant="nf4", compute_dtype="bfloat16",
+                                              max_length=256)))
+    layers = [m for m in saved.model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14
+    assert {(m.compute_dtype, m.weight.quant_state.dtype) for m in layers} == {(torch.bfloat16, torch.bfloat16)}
+    assert saved.model.embed_tokens.weight.dtype == torch.bfloat16
+    a, b = at_load.encode(TEXTS)[0], saved.encode(TEXTS)[0]
+    assert rowwise_cosine(a, b).min() > 0.99  # same weights up to bf16 rounding of the scales' source
 
 
 def test_bad_checkpoint_folders_are_refused_with_the_reason(tmp_path, tiny_model_dir, real_model_dir):

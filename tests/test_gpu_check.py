@@ -1,5 +1,6 @@
 """The GPU check is kept runnable: its shell wrapper parses and its measuring script runs on a tiny config on CPU."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,3 +29,13 @@ def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(t
     server = next(m for m in result["modes"] if m["mode"] == "nf4")["server"]  # the real server around the model
     for label in ("batched", "one_at_a_time"):
         assert server[label]["queries_texts_per_s"] > 0 and server[label]["documents_texts_per_s"] > 0
+
+    gptq = result["gptq4"]  # GPTQ layers of the config's shapes beside nf4 on the same layers
+    if importlib.util.find_spec("gptqmodel") is None:
+        assert "error" in gptq
+        return
+    assert "error" not in gptq, gptq.get("error")
+    for mode, layer_type in (("gptq4", "TorchAtenLinear"), ("nf4", "Linear4bit")):
+        assert gptq[mode]["weight_bytes"] == gptq[mode]["planned_weight_bytes"], gptq
+        assert gptq[mode]["layers_by_type"] == {layer_type: 14} and gptq[mode]["tokens_per_second"]["1024"] > 0
+    assert gptq["gptq4"]["weight_bytes"] != gptq["nf4"]["weight_bytes"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from .corpus import Corpus, Shard, read_shard
 from .corpus_job import CorpusSummary, EmbedSettings
 from .manifest import Manifest
-from .vector_shards import PARTITION, vector_table
+from .vector_shards import PARTITION, id_array, vector_table
 
 RAY_EXTRA = "pip install 'lowmem-e5[ray]'"
 
@@ -44,8 +44,7 @@ def read_shard_rows(batch: dict, text_field: str, id_field: str | None):
         shard = Shard(path=Path(str(path)), name=str(name), sha256=str(sha), rows=int(rows),
                       first_row=int(first))
         got = read_shard(shard, text_field, id_field)
-        id_type = pa.int64() if isinstance(got.ids[0], int) else pa.string()
-        tables.append(pa.table({"id": pa.array(got.ids, type=id_type), "text": pa.array(got.texts, type=pa.string()),
+        tables.append(pa.table({"id": id_array(got.ids), "text": pa.array(got.texts, type=pa.string()),
                                 PARTITION: pa.array([shard.name] * len(got.ids), type=pa.string())}))
     return pa.concat_tables(tables)
 

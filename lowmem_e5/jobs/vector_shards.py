@@ -18,13 +18,19 @@ STAGING = ".staging"
 PARTITION = "shard"
 
 
+def id_array(ids: list):
+    """The Arrow column of a shard's ids: int64 for row positions and integer ids, string otherwise."""
+    import pyarrow as pa
+
+    return pa.array(ids, type=pa.int64() if ids and isinstance(ids[0], (int, np.integer)) else pa.string())
+
+
 def vector_table(ids: list, vectors: np.ndarray):
     import pyarrow as pa
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    id_type = pa.int64() if ids and isinstance(ids[0], (int, np.integer)) else pa.string()
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    return pa.table({"id": pa.array(ids, type=id_type),
+    return pa.table({"id": id_array(ids),
                      "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
 
 

@@ -70,12 +70,9 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
         config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides,
                               group_size=e.group_size)
         if e.quant == "gptq4":
-            from transformers import AutoConfig
+            from ..runtime.gptq import model_group_size_problem
 
-            from ..runtime.gptq import group_size_problem
-            from ..runtime.sources import resolve_model_source
-
-            problem = group_size_problem(AutoConfig.from_pretrained(resolve_model_source(base.model)[0]), e.group_size)
+            problem = model_group_size_problem(base.model, e.group_size)
             if problem:
                 log(f"[{i}/{len(entries)}] {e.label}: skipped, {problem}")
                 continue

@@ -43,10 +43,12 @@ class EncodeStats:
     oom_retries: int = 0
     prefix_reused_tokens: int = 0  # instruction tokens not run again thanks to the prefix cache
 
-    def merge(self, other: EncodeStats, offset: int = 0) -> None:
+    def merge(self, other: EncodeStats, offset: int = 0, rows: list[int] | None = None) -> None:
+        """Add other's counts; its truncated indices move to this call's: by offset (a contiguous slice of the
+        texts) or through rows (other's text j is this call's text rows[j])."""
         self.n_texts += other.n_texts
         self.n_truncated += other.n_truncated
-        self.truncated += [offset + i for i in other.truncated]
+        self.truncated = sorted(self.truncated + [rows[i] if rows is not None else offset + i for i in other.truncated])
         self.real_tokens += other.real_tokens
         self.padded_tokens += other.padded_tokens
         self.n_batches += other.n_batches
@@ -219,15 +221,15 @@ class Embedder:
         if len(adapters) != len(tok.rows):
             raise InputError(f"adapter list has {len(adapters)} entries for {len(tok.rows)} texts; expected one per text")
         out = np.empty((len(tok.rows), self.dim), dtype=np.float32)
-        stats = EncodeStats(n_texts=len(tok.rows), n_truncated=len(tok.truncated), truncated=list(tok.truncated))
+        stats, truncated = EncodeStats(), set(tok.truncated)
         for name in dict.fromkeys(adapters):
             idx = [i for i, a in enumerate(adapters) if a == name]
-            sub = TokenizedTexts(rows=[tok.rows[i] for i in idx], truncated=[])
+            sub = TokenizedTexts(rows=[tok.rows[i] for i in idx],
+                                 truncated=[j for j, i in enumerate(idx) if i in truncated])
             vectors, s = self.encode_tokenized(sub, instruction=[instructions[i] for i in idx], adapter=name,
                                                on_batch=on_batch)
             out[idx] = vectors
-            for field_name in ("real_tokens", "padded_tokens", "n_batches", "oom_retries", "prefix_reused_tokens"):
-                setattr(stats, field_name, getattr(stats, field_name) + getattr(s, field_name))
+            stats.merge(s, rows=idx)
         return out, stats
 
     def _select_adapters(self, adapter, n: int) -> list[str] | None:

@@ -72,3 +72,14 @@ def group_size_problem(model_config, group_size: int) -> str | None:
     fits = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths.values())]
     return (f"group_size={group_size} does not divide this model's {', '.join(bad)}; gptqmodel's kernels need it"
             + (f": use --group-size {fits[0]}" if fits else ""))
+
+
+def model_group_size_problem(model: str, group_size: int) -> str | None:
+    """group_size_problem for a model name (folder or hub id), from its config alone: checked before the minutes of
+    calibration, by loading and by compare's grid."""
+    from transformers import AutoConfig
+
+    from .sources import resolve_model_source
+
+    source, local = resolve_model_source(model)
+    return group_size_problem(AutoConfig.from_pretrained(source, local_files_only=local), group_size)

@@ -55,11 +55,9 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
         plan = LoadPlan(dtype=TORCH_DTYPES[config.resolved_compute_dtype()], quantization_config=None)
     else:
         if config.quant in GPTQ_MODES:  # before the calibration pass, which takes minutes
-            from transformers import AutoConfig
+            from .gptq import model_group_size_problem
 
-            from .gptq import group_size_problem
-
-            problem = group_size_problem(AutoConfig.from_pretrained(source, local_files_only=local), config.group_size)
+            problem = model_group_size_problem(config.model, config.group_size)
             if problem:
                 raise ModelSourceError(f"cannot quantise model {source!r} to gptq4: {problem}")
         plan = load_plan(config, tokenizer)
@@ -70,6 +68,8 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
                                           **quantization)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load model {source!r} with quant={config.quant!r}: {exc}") from exc
+    if checkpoint is not None:
+        use_runtime_dtype(model, plan.dtype)
     if config.overrides:
         from .overrides import apply_overrides
 
@@ -78,6 +78,26 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source, device=device,
                        weight_bytes=weight_bytes(model))
+
+
+def use_runtime_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """A saved checkpoint keeps the dtypes it was quantised with (float32 when made on a CPU): transformers loads its
+    unquantised weights (token embedding, norms) as stored, and its 4-bit layers compute in the stored compute dtype.
+    The runtime's dtype (float16 on a GPU) wins, as when quantising at load: unquantised parameters are cast, and 4-bit
+    layers take it for their inputs and dequantised weights. Quantised modules' own tensors are left as they are."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        Linear4bit = ()
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.compute_dtype = dtype
+            module.weight.quant_state.dtype = dtype
+        if type(module).__module__.startswith(("bitsandbytes", "gptqmodel.")):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
 
 def keep_4bit_layout_stable(model: torch.nn.Module) -> None:
