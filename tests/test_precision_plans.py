@@ -79,7 +79,7 @@ def test_compare_grid_writes_one_json_per_run_a_table_and_a_png_and_resumes(tmp_
     entries = [GridEntry("fp32", "fp32"), GridEntry("int8", "int8"), GridEntry("nf4", "nf4"),
                GridEntry("nf4:emb-int8", "nf4", False, ("embed_tokens=int8",), "nf4, embedding int8")]
     out = tmp_path / "grid"
-    records = run_grid(entries, base, reference, cset, out, log=lambda m: None)
+    records, _ = run_grid(entries, base, reference, cset, out, log=lambda m: None)
     assert sorted(p.name for p in out.glob("*.json")) == ["fp32.json", "int8.json", "nf4-emb-int8.json", "nf4.json"]
     by = {r["run"]["label"]: r for r in records}
     assert by["fp32"]["quality"]["mean_cosine"] > 0.9999
@@ -89,6 +89,6 @@ def test_compare_grid_writes_one_json_per_run_a_table_and_a_png_and_resumes(tmp_
     plot(records, out / "plot.png", "test")
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = []
-    again = run_grid(entries, base, reference, cset, out, log=logged.append)
+    again, _ = run_grid(entries, base, reference, cset, out, log=logged.append)
     assert all("kept" in line for line in logged)
     assert json.dumps(again, sort_keys=True) == json.dumps(json.loads(json.dumps(records)), sort_keys=True)

@@ -1,5 +1,6 @@
-"""Command line: `lowmem-e5 encode | reference | drift | scan | compare | repair | plan | quantize | serve | env |
-tasks | build-default-model`. Each command group registers its own subcommands; `main` maps errors to exit codes."""
+"""Command line: `lowmem-e5 encode | reference | drift | scan | compare | repair | retrieval | finetune | plan |
+quantize | serve | env | tasks | build-default-model`. Each command group registers its own subcommands; `main`
+maps errors to exit codes."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import logging
 import sys
 
 from ..errors import LowmemError
-from . import encode, plan, quality, quantize, serve
+from . import encode, finetune, plan, quality, quantize, retrieval, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-e5", description="E5-Mistral embeddings in 8-bit or 4-bit.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_commands in (encode.add_commands, quality.add_commands, plan.add_commands, quantize.add_commands,
-                         serve.add_commands,
+    for add_commands in (encode.add_commands, quality.add_commands, retrieval.add_commands,
+                         finetune.add_commands, plan.add_commands, quantize.add_commands, serve.add_commands,
                          encode.add_environment_commands):
         add_commands(sub)
     return parser

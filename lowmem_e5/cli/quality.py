@@ -112,10 +112,28 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..jobs.atomic import write_bytes_atomic
-    from ..quality.compare import BASE_GRID, default_grid, markdown_table, plan_entries, plot, run_grid
+    from ..quality.compare import (
+        BASE_GRID,
+        RetrievalSpec,
+        default_grid,
+        markdown_table,
+        plan_entries,
+        plot,
+        plot_retention,
+        run_grid,
+    )
 
     config = runtime_config(args)
     reference, cset = _reference_and_rows(args, config)
+    retrieval = None
+    if args.beir:
+        from ..quality.beir import load_beir
+        from ..quality.retrieval import DocumentCache
+        from .retrieval import query_instruction
+
+        query_instruction(args)
+        retrieval = RetrievalSpec(load_beir(args.beir, args.beir_split), task=args.task, instruction=args.instruction,
+                                  cache=DocumentCache(args.cache_dir))
     if args.modes:
         wanted = args.modes.split(",")
         unknown = [m for m in wanted if m not in {e.label for e in BASE_GRID}]
@@ -128,12 +146,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not args.scan.is_file():
             raise LowmemError(f"scan result {str(args.scan)!r} does not exist; make it with `lowmem-e5 scan`")
         entries += plan_entries(json.loads(args.scan.read_text()))
-    records = run_grid(entries, config, reference, cset, args.out_dir, force=args.force, log=log)
-    table = markdown_table(records)
+    records, retrieval_records = run_grid(entries, config, reference, cset, args.out_dir, force=args.force, log=log,
+                                          retrieval=retrieval)
+    table = markdown_table(records, retrieval_records)
     write_bytes_atomic(args.out_dir / "table.md", (table + "\n").encode())
     plot(records, args.out_dir / "memory_vs_drift.png",
          f"{Path(reference.source).name}: memory against drift ({cset.version}, {args.split}, "
          f"{len(cset.rows)} texts)")
+    if retrieval is not None:
+        plot_retention(retrieval_records, args.out_dir / "memory_vs_retrieval.png",
+                       f"{Path(reference.source).name}: memory against nDCG@10 retention ({retrieval.split.root.name}, "
+                       f"{retrieval.split.split}, {len(retrieval.split.query_ids)} queries)")
     print(table)
     return 0
 
@@ -201,6 +224,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--scan", type=Path, help="a `lowmem-e5 scan` result: adds its mixed plans to the grid")
     cp.add_argument("--out-dir", type=Path, default=Path("calibration/results/compare"))
     cp.add_argument("--force", action="store_true", help="recompute runs whose result file exists")
+    cp.add_argument("--beir", type=Path, help="a BEIR folder: adds nDCG@10 / Recall@100 / MRR@10 and their retention "
+                    "against the reference mode, and memory_vs_retrieval.png")
+    cp.add_argument("--beir-split", default="test")
+    cp.add_argument("--task", help="query instruction of the BEIR queries by task name")
+    cp.add_argument("--instruction", help="query instruction of the BEIR queries as free text")
+    cp.add_argument("--cache-dir", type=Path, help="document embeddings cache (see `retrieval`)")
     add_runtime_args(cp)
     cp.set_defaults(func=cmd_compare)
 

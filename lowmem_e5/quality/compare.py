@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +12,12 @@ from ..jobs.atomic import write_bytes_atomic, write_json_atomic
 from ..results import slug
 from ..runtime.calibration_set import CalibrationSet
 from ..runtime.config import RuntimeConfig
+from ..runtime.encoder import Embedder
+from ..runtime.loading import load_model
+from .beir import BeirSplit
 from .evaluation import drift_run
 from .reference import Reference
+from .retrieval import RETRIEVAL_MAX_LENGTH, DocumentCache, add_retention, retrieval_run
 
 
 @dataclass(frozen=True)
@@ -56,16 +62,35 @@ def plan_entries(scan: dict) -> list[GridEntry]:
     return entries
 
 
+@dataclass(frozen=True)
+class RetrievalSpec:
+    """compare --beir: a retrieval run beside each drift run, on one loaded model."""
+
+    split: BeirSplit
+    task: str | None = None
+    instruction: str | None = None
+    cache: DocumentCache | None = None
+
+
+def retrieval_path(out_dir: Path, label: str) -> Path:
+    return out_dir / f"{slug(label)}.retrieval.json"
+
+
 def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference, cset: CalibrationSet,
-             out_dir: Path, force: bool = False, log=print) -> list[dict]:
-    """Resumable: a run whose result file exists (same label) is read back, not recomputed."""
+             out_dir: Path, force: bool = False, log=print, retrieval: RetrievalSpec | None = None,
+             ) -> tuple[list[dict], list[dict]]:
+    """Drift records (and retrieval records with retention against the reference mode's, for compare --beir).
+    Resumable: a run whose result files exist (same label) is read back, not recomputed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, retrieval_records = [], []
     for i, e in enumerate(entries, start=1):
         path = out_dir / f"{slug(e.label)}.json"
-        if path.exists() and not force:
+        r_path = retrieval_path(out_dir, e.label)
+        if path.exists() and (retrieval is None or r_path.exists()) and not force:
             log(f"[{i}/{len(entries)}] {e.label}: kept {path.name}")
             records.append(json.loads(path.read_text()))
+            if retrieval is not None:
+                retrieval_records.append(json.loads(r_path.read_text()))
             continue
         config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides,
                               group_size=e.group_size)
@@ -76,14 +101,37 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
             if problem:
                 log(f"[{i}/{len(entries)}] {e.label}: skipped, {problem}")
                 continue
-        run = drift_run(config, reference, cset, plan=e.plan)
+        t_load = time.perf_counter()
+        embedder = Embedder(load_model(config.replace(max_length=reference.max_length)))  # loaded once for both
+        load_s = time.perf_counter() - t_load
+        run = drift_run(config, reference, cset, plan=e.plan, embedder=embedder)
         run.record["run"]["label"] = e.label
+        run.record["speed"]["load_seconds"] = load_s
         write_json_atomic(path, run.record)
         q = run.report
-        log(f"[{i}/{len(entries)}] {e.label}: mean cosine {q.mean_cosine:.4f}, "
-            f"{run.record['memory']['weight_bytes']['total']:,} bytes")
+        message = (f"[{i}/{len(entries)}] {e.label}: mean cosine {q.mean_cosine:.4f}, "
+                   f"{run.record['memory']['weight_bytes']['total']:,} bytes")
         records.append(run.record)
-    return records
+        if retrieval is not None:
+            r_config = config.replace(max_length=RETRIEVAL_MAX_LENGTH)
+            r_embedder = Embedder(dataclasses.replace(embedder.loaded, config=r_config))  # same weights
+            r_run = retrieval_run(r_config, retrieval.split, task=retrieval.task, instruction=retrieval.instruction,
+                                  embedder=r_embedder, cache=retrieval.cache, plan=e.plan)
+            r_run.record["run"]["label"] = e.label
+            write_json_atomic(r_path, r_run.record)
+            retrieval_records.append(r_run.record)
+            message += f", nDCG@10 {r_run.record['quality']['nDCG@10']:.4f}"
+        log(message)
+        del embedder
+    if retrieval is not None:
+        ref = next((r for r in retrieval_records if r["run"]["label"] == reference.mode), None)
+        if ref is None:
+            log(f"no {reference.mode} run in the grid: retrieval retention is not computed")
+        for r in retrieval_records:
+            if ref is not None and r is not ref:
+                add_retention(r, ref)
+                write_json_atomic(retrieval_path(out_dir, r["run"]["label"]), r)
+    return records, retrieval_records
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -95,20 +143,38 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def markdown_table(records: list[dict]) -> str:
+def retention_cell(record: dict | None, measure: str = "nDCG@10") -> str:
+    if record is None:
+        return "-"
+    retention = record["quality"].get("retention")
+    if retention is None:
+        return "(reference)"
+    r = retention[measure]
+    return f"{r['retention']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+
+def markdown_table(records: list[dict], retrieval_records: list[dict] | None = None) -> str:
     int8 = next((r for r in records if r["run"]["label"] == "int8"), None)
     int8_bytes = int8["memory"]["weight_bytes"]["total"] if int8 else None
     points = [(r["memory"]["weight_bytes"]["total"], 1 - r["quality"]["mean_cosine"]) for r in records]
     front = set(pareto_front(points))
-    lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    by_label = {r["run"]["label"]: r for r in retrieval_records or []}
+    extra = " nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] |" if by_label else ""
+    lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |" + extra,
+             "|---|---:|---:|---:|---:|---:|---:|---:|:-:|" + ("---:|---:|---:|---|" if by_label else "")]
     for i in sorted(range(len(records)), key=lambda i: -points[i][0]):
         r = records[i]
         q, b = r["quality"], r["memory"]["weight_bytes"]["total"]
         ratio = f"{b / int8_bytes:.2f}" if int8_bytes else "-"
         on_front = "*" if i in front else ""
-        lines.append(f"| {r['run']['label']} | {b:,} | {ratio} | {q['mean_cosine']:.4f} | {q['p5_cosine']:.4f} | "
-                     f"{q['min_cosine']:.4f} | {q['top10_overlap']:.3f} | {q['spearman']:.4f} | {on_front} |")
+        line = (f"| {r['run']['label']} | {b:,} | {ratio} | {q['mean_cosine']:.4f} | {q['p5_cosine']:.4f} | "
+                f"{q['min_cosine']:.4f} | {q['top10_overlap']:.3f} | {q['spearman']:.4f} | {on_front} |")
+        if by_label:
+            rr = by_label.get(r["run"]["label"])
+            rq = rr["quality"] if rr else {}
+            line += "".join(f" {rq[m]:.4f} |" if m in rq else " - |" for m in ("nDCG@10", "Recall@100", "MRR@10"))
+            line += f" {retention_cell(rr)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -134,6 +200,37 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("weight bytes (MiB)")
     ax.set_ylabel("mean drift, 1 - mean cosine to reference (log)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def plot_retention(retrieval_records: list[dict], path: Path, title: str, measure: str = "nDCG@10") -> None:
+    """Memory against retrieval retention (mode / reference mode), with the 95 % bootstrap intervals."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in retrieval_records if "retention" in r["quality"]]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for r in rows:
+        x = r["memory"]["weight_bytes"]["total"] / 2**20
+        ret = r["quality"]["retention"][measure]
+        low, high = ret["ci95"]
+        ax.errorbar([x], [ret["retention"]], yerr=[[ret["retention"] - low], [high - ret["retention"]]], fmt="s" if
+                    ":" in r["run"]["label"] else "o", capsize=3, color="C1" if ":" in r["run"]["label"] else "C0")
+        ax.annotate(r["run"]["label"], (x, ret["retention"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="reference mode")
+    ax.set_xlabel("weight bytes (MiB)")
+    ax.set_ylabel(f"{measure} retention (mode / reference), 95 % paired bootstrap")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -80,3 +80,8 @@ def model_fingerprint(source: str) -> dict:
 def same_model(a: dict, b: dict) -> list[str]:
     """The identity fields that differ (library versions are recorded, not enforced)."""
     return [k for k in ("config_sha256", "weights_sha256", "tokenizer_sha256") if a.get(k) != b.get(k)]
+
+
+def adapter_fingerprint(folder: str | Path) -> str:
+    """sha256 over a peft adapter folder's config and weight files: vectors made with it are tied to its contents."""
+    return _digest_files(Path(folder), ["adapter_config.json", "*.safetensors"])

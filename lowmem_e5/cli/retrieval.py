@@ -1,0 +1,71 @@
+"""`lowmem-e5 retrieval`: nDCG@10, Recall@100 and MRR@10 of one mode on a BEIR split, with retention against the
+reference mode (fp32 on CPU, fp16 on GPU) and its 95 % paired bootstrap interval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import LowmemError
+from .shared import add_runtime_args, log, runtime_config
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    from ..jobs.atomic import write_json_atomic
+    from ..quality.evaluation import reference_mode
+    from ..quality.retrieval import RETRIEVAL_MAX_LENGTH, DocumentCache, add_retention, retrieval_run
+
+    query_instruction(args)
+    config = runtime_config(args)
+    if args.max_length is None:
+        config = config.replace(max_length=RETRIEVAL_MAX_LENGTH)
+    from ..quality.beir import load_beir
+
+    split = load_beir(args.beir, args.split)
+    cache = DocumentCache(args.cache_dir)
+    log(f"{split.root.name}/{split.split}: {len(split.query_ids)} queries against {len(split.doc_ids)} documents")
+    kwargs = dict(task=args.task, instruction=args.instruction, adapter=args.adapter, cache=cache,
+                  progress=not args.quiet)
+    run = retrieval_run(config, split, **kwargs)
+    record = run.record
+    ref_quant = reference_mode(config.resolved_device())
+    if not args.no_retention and config.quant != ref_quant:
+        log(f"reference run in {ref_quant} for retention")
+        ref_config = config.replace(quant=ref_quant, double_quant=False, overrides=(), compute_dtype=None)
+        add_retention(record, retrieval_run(ref_config, split, **kwargs).record)
+    if args.output:
+        write_json_atomic(args.output, record)
+    q = record["quality"]
+    summary = {"mode": record["run"]["mode"], **{m: q[m] for m in ("nDCG@10", "Recall@100", "MRR@10")}}
+    if "retention" in q:
+        summary["retention"] = {m: q["retention"][m] for m in ("nDCG@10", "Recall@100", "MRR@10")}
+    print(json.dumps(summary))
+    return 0
+
+
+def query_instruction(args: argparse.Namespace) -> None:
+    """--task or --instruction, or the instruction this project's labelled set records for the folder."""
+    from ..quality.beir import suggested_instruction
+
+    if not (args.task or args.instruction):
+        args.instruction = suggested_instruction(args.beir) if args.beir else None
+        if args.instruction is None:
+            raise LowmemError("queries need --task NAME or --instruction TEXT (see `lowmem-e5 tasks`)")
+        log(f"query instruction from the labelled set's manifest: {args.instruction!r}")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    rt = sub.add_parser("retrieval", help="nDCG@10 / Recall@100 / MRR@10 on a BEIR folder, with retention vs fp32/fp16")
+    rt.add_argument("--beir", required=True, type=Path, help="folder with corpus.jsonl, queries.jsonl, qrels/")
+    rt.add_argument("--split", default="test", help="qrels/<split>.tsv (default: test)")
+    rt.add_argument("--task", help="an official task name for the query instruction (`lowmem-e5 tasks`)")
+    rt.add_argument("--instruction", help="a free-text query instruction")
+    rt.add_argument("--adapter", type=Path, help="a peft LoRA folder applied to queries and documents")
+    rt.add_argument("--output", type=Path, help="write the result record (run/quality/memory/speed/environment)")
+    rt.add_argument("--no-retention", action="store_true", help="skip the reference mode's run")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    rt.add_argument("--cache-dir", type=Path, help="document embeddings cache (default: ~/.cache/lowmem_e5/"
+                    "document_embeddings, or $LOWMEM_E5_CACHE/document_embeddings)")
+    add_runtime_args(rt)
+    rt.set_defaults(func=cmd_retrieval)

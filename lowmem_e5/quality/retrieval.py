@@ -1,0 +1,143 @@
+"""One retrieval run: embed a BEIR split's documents (cached) and queries in one mode, search all documents exactly,
+score with ir-measures; and retention against a reference mode's run with paired bootstrap intervals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..jobs.atomic import save_npy_atomic
+from ..jobs.corpus_job import config_identity
+from ..results import mode_label, result_record
+from ..runtime.config import RuntimeConfig
+from ..runtime.encoder import Embedder
+from ..runtime.fingerprint import adapter_fingerprint, model_fingerprint
+from ..runtime.loading import load_model
+from .beir import BeirSplit
+from .retrieval_metrics import (
+    MEASURES,
+    SEARCH_DEPTH,
+    exact_search,
+    paired_bootstrap_retention,
+    per_query_scores,
+    run_from_search,
+    summarize,
+)
+
+RETRIEVAL_MAX_LENGTH = 512  # the official E5 BEIR evaluation's
+DOCUMENT_CACHE_VERSION = 1  # bump when the document text format changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LOWMEM_E5_CACHE", Path.home() / ".cache" / "lowmem_e5")) / "document_embeddings"
+
+
+class DocumentCache:
+    """Document embeddings per (model fingerprint, settings that change vectors, adapter, corpus sha256): a compare
+    grid embeds each corpus once per mode, and a rerun not at all. One .npy per key, written atomically."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = Path(folder) if folder else default_cache_dir()
+
+    @staticmethod
+    def key(model_source: str, config: RuntimeConfig, adapter: str | None, corpus_sha256: str) -> str:
+        fingerprint = model_fingerprint(model_source)
+        fingerprint.pop("versions", None)
+        identity = {"version": DOCUMENT_CACHE_VERSION, "model": fingerprint, "config": config_identity(config),
+                    "adapter": adapter_fingerprint(adapter) if adapter else None, "corpus_sha256": corpus_sha256}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, key: str, rows: int) -> np.ndarray | None:
+        path = self.folder / f"{key}.npy"
+        if not path.is_file():
+            return None
+        vectors = np.load(path, allow_pickle=False)
+        return vectors if vectors.shape[0] == rows else None
+
+    def put(self, key: str, vectors: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_npy_atomic(self.folder / f"{key}.npy", vectors)
+
+
+def _encode(encode, texts: list[str], desc: str, progress: bool, **kwargs) -> np.ndarray:
+    if not progress:
+        return encode(texts, **kwargs)
+    from tqdm import tqdm
+
+    with tqdm(total=len(texts), desc=desc, unit="text") as bar:
+        return encode(texts, on_batch=bar.update, **kwargs)
+
+
+@dataclass(frozen=True)
+class RetrievalRun:
+    record: dict
+    per_query: dict[str, np.ndarray]  # measure -> value per query, in the split's query order
+
+
+def retrieval_run(config: RuntimeConfig, split: BeirSplit, *, task: str | None = None,
+                  instruction: str | None = None, adapter: str | None = None, embedder: Embedder | None = None,
+                  cache: DocumentCache | None = None, plan: str | None = None, progress: bool = False,
+                  ) -> RetrievalRun:
+    """adapter: a peft folder applied to queries and documents. cache: None for the default folder. progress: bars
+    on stderr for documents and queries."""
+    cache = cache or DocumentCache()
+    t_load = time.perf_counter()
+    embedder = embedder or Embedder(load_model(config))
+    load_s = time.perf_counter() - t_load
+    adapter_name = None
+    if adapter:
+        adapter_name = "retrieval"
+        if adapter_name not in embedder.adapters.names:
+            embedder.load_adapter(adapter_name, adapter)
+    source = embedder.loaded.source
+    key = cache.key(source, config, adapter, split.corpus_sha256)
+    t0 = time.perf_counter()
+    doc_vectors = cache.get(key, len(split.doc_ids))
+    cached = doc_vectors is not None
+    label = mode_label(config.quant, config.double_quant, plan, config.group_size if config.quant == "gptq4" else None)
+    if not cached:
+        doc_vectors = _encode(embedder.encode_documents, split.doc_texts, f"{label} documents", progress,
+                              adapter=adapter_name)
+        cache.put(key, doc_vectors)
+    doc_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    query_vectors = _encode(embedder.encode_queries, split.query_texts, f"{label} queries", progress, task=task,
+                            instruction=instruction, adapter=adapter_name)
+    query_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    indices, scores = exact_search(query_vectors, doc_vectors, k=SEARCH_DEPTH)
+    search_s = time.perf_counter() - t0
+    per_query = per_query_scores(split.qrels, run_from_search(split.query_ids, split.doc_ids, indices, scores),
+                                 split.query_ids)
+    record = result_record(
+        run={"mode": label, "config": config.to_dict(), "model_source": source, **split.describe(), "task": task,
+             "instruction": instruction, "adapter": str(adapter) if adapter else None},
+        quality={**summarize(per_query), "per_query": {"query_ids": split.query_ids,
+                                                       **{m: v.tolist() for m, v in per_query.items()}}},
+        memory={"weight_bytes": embedder.loaded.weight_bytes.to_dict()},
+        speed={"load_seconds": load_s, "document_seconds": doc_s, "documents_from_cache": cached,
+               "query_seconds": query_s, "search_seconds": search_s},
+    )
+    return RetrievalRun(record=record, per_query=per_query)
+
+
+def per_query_from_record(record: dict) -> dict[str, np.ndarray]:
+    stored = record["quality"]["per_query"]
+    return {m: np.asarray(stored[m]) for m in MEASURES}
+
+
+def add_retention(record: dict, reference: dict) -> None:
+    """Put each measure's retention against the reference run (same split, same queries) into record['quality']."""
+    ours, theirs = record["quality"]["per_query"], reference["quality"]["per_query"]
+    if ours["query_ids"] != theirs["query_ids"]:
+        raise ValueError("the reference run scored other queries; expected the same BEIR split")
+    mine, ref = per_query_from_record(record), per_query_from_record(reference)
+    record["quality"]["retention"] = {
+        "reference_mode": reference["run"]["mode"],
+        **{m: paired_bootstrap_retention(mine[m], ref[m]).to_dict() for m in MEASURES}}
