@@ -7,6 +7,11 @@ give the answer away. Packages whose summary or long description is shared with 
 (no unique answer), as are long descriptions under 200 or over 1,000 characters (one-liners; changelogs).
 Disjoint train and test queries; one corpus holds the documents of both, so test queries search past their own.
 
+Part `code` (code search, the CodeSearchNet formulation): functions and methods of this Python's standard library;
+the query is the first sentence of a docstring, the document the function's source with its docstring removed.
+Modules the calibration set draws on are left out, and test packages; summaries under 4 words, shared summaries or
+sources, and sources outside 150-1,500 characters are dropped.
+
     python calibration/build_labelled_set.py              # runs apt-get update with English descriptions first
     python calibration/build_labelled_set.py --translation FILE   # a Translation-en file already decompressed
 
@@ -20,11 +25,16 @@ calibrates and repair trains.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
+import platform
 import subprocess
+import sys
+import sysconfig
 import tempfile
+import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +45,8 @@ TRANSLATION = "deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en.lz4
 DOCUMENTS = 1600  # corpus size: what a CPU grid of modes can embed in minutes per mode
 TEST_QUERIES = 300
 MIN_CHARS, MAX_CHARS = 200, 1000
+CODE_DOCUMENTS, CODE_TEST_QUERIES = 1000, 200
+CODE_CHARS = (150, 1500)
 
 
 def sha256_file(path: Path) -> str:
@@ -96,23 +108,84 @@ def select(entries: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     return picked
 
 
+def calibration_modules() -> set[str]:
+    """Top-level modules the calibration set (build_set.py) takes text from: kept out of this set."""
+    sys.path.insert(0, str(HERE))
+    import build_set
+
+    names = set(build_set.MODULES) | set(build_set.LONG_DOC_MODULES) | {
+        "textwrap", "string", "bisect", "heapq", "statistics", "fractions", "shutil", "calendar"}
+    return {n.split(".")[0] for n in names}
+
+
+def first_sentence(doc: str) -> str:
+    line = " ".join(doc.strip().split("\n\n")[0].split())
+    return line.split(". ")[0].rstrip(".") + "."
+
+
+def stdlib_functions() -> list[tuple[str, str, str]]:
+    """(qualified name, docstring summary, source without the docstring) of the standard library's functions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = calibration_modules() | {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip",
+                                    "site-packages", "venv", "pydoc_data", "__phello__"}
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0].removesuffix(".py") in skip or any(p.startswith("test") for p in rel.parts):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(node.body) < 2:
+                continue
+            start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            first = node.body[0]  # the docstring statement
+            kept = lines[start:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
+            code = textwrap.dedent("\n".join(kept)).strip()
+            out.append((".".join(rel.with_suffix("").parts) + "." + node.name, first_sentence(doc), code))
+    return out
+
+
+def select_code(functions: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    summaries, sources = {}, {}
+    for _, summary, code in functions:
+        summaries[summary.lower()] = summaries.get(summary.lower(), 0) + 1
+        sources[code] = sources.get(code, 0) + 1
+    unique = {}
+    for name, summary, code in functions:
+        if summaries[summary.lower()] == 1 and sources[code] == 1 and len(summary.split()) >= 4 \
+                and CODE_CHARS[0] <= len(code) <= CODE_CHARS[1]:
+            unique[name] = (name, summary, code)
+    picked = sorted(unique.values(), key=lambda e: name_hash(e[0]))[:CODE_DOCUMENTS]
+    if len(picked) < CODE_DOCUMENTS:
+        raise SystemExit(f"only {len(picked)} functions pass the filters; expected at least {CODE_DOCUMENTS}")
+    return picked
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def write_part(folder: Path, picked: list[tuple[str, str, str]]) -> dict:
+def write_part(folder: Path, picked: list[tuple[str, str, str]], prefix: str, test_queries: int) -> dict:
     (folder / "qrels").mkdir(parents=True)
-    ids = [f"pkg{i:05d}" for i in range(len(picked))]  # neutral ids: the package name would give the answer away
+    ids = [f"{prefix}{i:05d}" for i in range(len(picked))]  # neutral ids: a name could give the answer away
     write_jsonl(folder / "corpus.jsonl", [{"_id": f"d-{i}", "title": "", "text": long}
                                           for i, (_, _, long) in zip(ids, picked)])
     write_jsonl(folder / "queries.jsonl", [{"_id": f"q-{i}", "text": summary}
                                            for i, (_, summary, _) in zip(ids, picked)])
-    test = set(sorted(ids, key=lambda i: name_hash("test:" + i))[:TEST_QUERIES])
+    test = set(sorted(ids, key=lambda i: name_hash("test:" + i))[:test_queries])
     for split in ("train", "test"):
         lines = ["query-id\tcorpus-id\tscore"] + [f"q-{i}\td-{i}\t1" for i in ids if (i in test) == (split == "test")]
         (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return {"documents": len(ids), "queries": len(ids), "train_queries": len(ids) - len(test),
-            "test_queries": len(test), "packages": [p for p, _, _ in picked]}
+            "test_queries": len(test), "names": [p for p, _, _ in picked]}
 
 
 def main() -> None:
@@ -125,8 +198,11 @@ def main() -> None:
     entries = parse_translation(source)
     picked = select(entries)
     tmp = Path(tempfile.mkdtemp(dir=HERE, prefix=f".labelled_{VERSION}.", suffix=".tmp"))
-    part = write_part(tmp / "packages", picked)
-    packages = part.pop("packages")
+    part = write_part(tmp / "packages", picked, "pkg", TEST_QUERIES)
+    packages = part.pop("names")
+    functions = stdlib_functions()
+    code_part = write_part(tmp / "code", select_code(functions), "fn", CODE_TEST_QUERIES)
+    code_names = code_part.pop("names")
     in_release = LISTS / "deb.debian.org_debian_dists_bookworm_InRelease"
     release = next((ln[len("Date: "):] for ln in in_release.read_text(errors="replace").splitlines()
                     if ln.startswith("Date: ")), None) if in_release.is_file() else None
@@ -142,12 +218,21 @@ def main() -> None:
                           "order": "sha256 of the package name; test: sha256 of 'test:' + id",
                           "dropped": "summaries or long descriptions shared by two packages; summaries under 3 words"},
             "package_of_id": {f"pkg{i:05d}": p for i, p in enumerate(packages)},
+        }, "code": {
+            **code_part, "task": "code search: a docstring's first sentence -> the function's source without it",
+            "instruction": "Given a description of what a Python function does, retrieve its source code",
+            "source": {"python": platform.python_version(), "stdlib": "sysconfig stdlib path, *.py",
+                       "functions": len(functions), "excluded": sorted(calibration_modules())},
+            "selection": {"documents": CODE_DOCUMENTS, "test_queries": CODE_TEST_QUERIES, "source_chars": CODE_CHARS,
+                          "order": "sha256 of the qualified name; test: sha256 of 'test:' + id",
+                          "dropped": "shared summaries or sources; summaries under 4 words; test packages"},
+            "function_of_id": {f"fn{i:05d}": n for i, n in enumerate(code_names)},
         }},
         "files": {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     os.rename(tmp, OUT)
-    print(json.dumps({"output": str(OUT), **{k: v for k, v in part.items()}}))
+    print(json.dumps({"output": str(OUT), "packages": part, "code": code_part}))
 
 
 if __name__ == "__main__":

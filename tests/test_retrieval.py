@@ -182,11 +182,13 @@ def test_the_labelled_set_is_as_its_manifest_says():
     manifest = json.loads((PACKAGES.parent / "manifest.json").read_text())
     for name, sha in manifest["files"].items():
         assert hashlib.sha256((PACKAGES.parent / name).read_bytes()).hexdigest() == sha, name
-    train, test = load_beir(PACKAGES, "train"), load_beir(PACKAGES, "test")
-    part = manifest["parts"]["packages"]
-    assert len(test.query_ids) == part["test_queries"] == 300 and len(train.query_ids) == part["train_queries"]
-    assert not set(train.query_ids) & set(test.query_ids)
-    assert len(test.doc_ids) == part["documents"]
+    assert set(manifest["parts"]) == {"packages", "code"}
+    for name, part in manifest["parts"].items():
+        train, test = load_beir(PACKAGES.parent / name, "train"), load_beir(PACKAGES.parent / name, "test")
+        assert len(test.query_ids) == part["test_queries"] and len(train.query_ids) == part["train_queries"]
+        assert not set(train.query_ids) & set(test.query_ids)
+        assert len(test.doc_ids) == part["documents"] and part["instruction"]
+    assert manifest["parts"]["packages"]["test_queries"] == 300 and manifest["parts"]["code"]["test_queries"] == 200
 
 
 def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tmp_path, tiny_model_dir):
