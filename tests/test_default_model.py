@@ -32,3 +32,21 @@ def test_cached_default_model_is_smollm2_in_the_e5_architecture(real_model_dir):
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (576, 30, 3)
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)  # pad == EOS, as E5
     assert GGUF_SHA256 in (real_model_dir / "SOURCE.txt").read_text()
+
+
+def test_a_merged_adapter_gives_the_vectors_of_the_unmerged_one(tmp_path, tiny_model_dir, tiny_adapters):
+    """How the E5-recipe model is built: the LoRA merged into fp32 weights, saved as a plain model folder."""
+    from lowmem_e5 import Embedder, RuntimeConfig, load_model
+    from lowmem_e5.default_model import merge_adapter_into
+    from lowmem_e5.runtime.pooling import rowwise_cosine
+
+    from .conftest import MIXED_TEXTS
+
+    merged_dir = merge_adapter_into(tiny_model_dir, tiny_adapters["A"], tmp_path / "merged", "test\n")
+    assert (merged_dir / "SOURCE.txt").read_text() == "test\n" and not list(tmp_path.glob(".build-*"))
+    base = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=128)))
+    base.load_adapter("A", tiny_adapters["A"])
+    merged = Embedder(load_model(RuntimeConfig(model=str(merged_dir), quant="fp32", max_length=128)))
+    a, b = base.encode(MIXED_TEXTS, adapter="A")[0], merged.encode(MIXED_TEXTS)[0]
+    assert rowwise_cosine(a, b).min() > 0.9999
+    assert rowwise_cosine(base.encode(MIXED_TEXTS)[0], b).max() < 0.999  # the adapter is in the weights

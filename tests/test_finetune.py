@@ -82,10 +82,32 @@ def test_an_interrupted_finetune_resumes_to_the_same_adapter(tmp_path, tiny_mode
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_pairs_of_several_tasks_keep_their_own_instructions(tmp_path, tiny_model_dir, pairs):
+    """E5 trains on several tasks at once: each BEIR folder's queries carry their instruction."""
+    from dataclasses import replace
+
+    mixed = [replace(p, instruction=INSTRUCTION if i % 2 else "Retrieve parallel sentences.")
+             for i, p in enumerate(pairs)]
+    from lowmem_e5.quality.finetune import epoch_batches, query_rows
+
+    e = Embedder(load_model(RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=64)))
+    rows = query_rows(e, mixed, None)
+    for p, row in zip(mixed, rows):
+        assert row == e.tokenize([p.query], query=True, instruction=p.instruction).rows[0]
+    for batch in epoch_batches(mixed, 8, seed=0):  # a batch's negatives come from its own task
+        assert len({mixed[i].instruction for i in batch}) == 1 and len(batch) == 8
+    config = RuntimeConfig(model=str(tiny_model_dir), quant="fp32")
+    record = train_adapter(config, mixed, small(epochs=1), tmp_path / "ad", progress=False)
+    assert record["steps"] == 2 and record["instruction"] is None
+    with pytest.raises(InputError, match="need --task or --instruction"):
+        train_adapter(config, pairs, small(epochs=1), tmp_path / "ad2", progress=False)
+
+
 def test_bad_pairs_and_settings_are_refused(tmp_path):
     path = tmp_path / "p.jsonl"
     for text, message in ((' {"query": "q"}\n{"query": "q", "document": "d"}', r"line 1: 'document' is missing"),
-                          ('{"query": "q", "document": ""}\n{"query": "q", "document": "d"}', r"line 1: 'document' is empty"),
+                          ('{"query": "q", "document": ""}\n{"query": "q", "document": "d"}',
+                           r"line 1: 'document' is empty"),
                           ('{"query": "q", "document": "d"}\n[1]', r"line 2: expected an object"),
                           ('{"query": "q", "document": "d"', r"line 1: not valid JSON"),
                           ('{"query": "q", "document": "d"}', r"has 1 pairs; expected at least 2")):
@@ -102,7 +124,6 @@ def test_finetune_command_scores_heldout_retrieval_before_and_after(tmp_path, ti
     beir = tmp_path / "b"
     (beir / "qrels").mkdir(parents=True)
     split = load_beir(PACKAGES, "train")
-    docs, queries = split.doc_ids[:1], None  # noqa: F841
     rows = [(q, next(iter(split.qrels[q]))) for q in split.query_ids[:24]]
     text_of = dict(zip(split.doc_ids, split.doc_texts))
     qtext = dict(zip(split.query_ids, split.query_texts))
@@ -120,6 +141,6 @@ def test_finetune_command_scores_heldout_retrieval_before_and_after(tmp_path, ti
                                                                           "LOWMEM_E5_CACHE": str(tmp_path / "c")})
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads((out / "finetune.json").read_text())
-    assert record["steps"] == 4 and record["heldout"]["queries"] == 8
-    assert set(record["heldout"]["before"]) == {"nDCG@10", "Recall@100", "MRR@10"}
-    assert record["heldout"]["before"] != record["heldout"]["after"]
+    [heldout] = record["heldout"]
+    assert record["steps"] == 4 and heldout["queries"] == 8
+    assert set(heldout["before"]) == {"nDCG@10", "Recall@100", "MRR@10"} and heldout["before"] != heldout["after"]

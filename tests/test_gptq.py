@@ -120,3 +120,25 @@ def test_repair_trains_through_gptq_layers(tmp_path, tiny_model_dir):
     assert log["last_epoch_loss"] < log["first_loss"]
     drift = repaired_drift(config, reference, cset, out)
     assert drift["after"]["mean_drift"] < drift["before"]["mean_drift"]
+
+
+def test_peft_importing_gptqmodel_leaves_the_environment_alone(tiny_model_dir, tiny_adapters):
+    """peft imports gptqmodel whenever it builds LoRA layers, and that import repoints HF_HOME (so a later hub load
+    would look in another cache): loading an adapter or training one must leave the process as it was."""
+    import subprocess
+    import sys
+
+    code = f"""
+import logging, os
+from lowmem_e5 import Embedder, RuntimeConfig, load_model
+e = Embedder(load_model(RuntimeConfig(model={str(tiny_model_dir)!r}, quant="fp32", max_length=64)))
+env, level = dict(os.environ), logging.getLogger().level
+e.load_adapter("A", {str(tiny_adapters["A"])!r})
+import sys
+assert "gptqmodel" in sys.modules, "the test needs peft to have imported gptqmodel"
+changed = {{k: os.environ.get(k) for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}}
+assert not changed and logging.getLogger().level == level, (changed, logging.getLogger().level)
+print("unchanged")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("unchanged"), r.stderr[-2000:]

@@ -43,7 +43,8 @@ def write_beir(folder: Path, corpus=None, queries=None, qrels=None, split="test"
 def test_a_beir_folder_reads_documents_as_title_space_text(tmp_path):
     split = load_beir(write_beir(tmp_path / "b"), "test")
     assert split.doc_ids == ["d1", "d2", "d3"]
-    assert split.doc_texts[:2] == ["Paris Paris is the capital of France.", "Photosynthesis turns light into chemical energy."]
+    assert split.doc_texts[:2] == ["Paris Paris is the capital of France.",
+                                   "Photosynthesis turns light into chemical energy."]
     assert split.query_ids == ["q1", "q2"] and split.qrels == {"q1": {"d1": 1, "d3": 2}, "q2": {"d2": 1}}
     assert len(split.corpus_sha256) == 64
 
@@ -208,7 +209,8 @@ def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tm
     records, retrieval = run_grid(entries, base, reference, cset, tmp_path / "grid", log=lambda m: None,
                                   retrieval=spec)
     assert [r["run"]["label"] for r in retrieval] == ["fp32", "nf4"]
-    assert "retention" not in retrieval[0]["quality"] and retrieval[1]["quality"]["retention"]["reference_mode"] == "fp32"
+    assert "retention" not in retrieval[0]["quality"]
+    assert retrieval[1]["quality"]["retention"]["reference_mode"] == "fp32"
     assert json.loads((tmp_path / "grid" / "nf4.retrieval.json").read_text())["quality"]["retention"]
     table = markdown_table(records, retrieval)
     assert "nDCG@10 retention [95% CI]" in table and "(reference)" in table
@@ -219,3 +221,41 @@ def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tm
                                       retrieval=spec)
     assert all("kept" in m for m in logged)
     assert json.dumps(again_retrieval, sort_keys=True) == json.dumps(json.loads(json.dumps(retrieval)), sort_keys=True)
+
+
+def test_a_broken_pipeline_scores_clearly_lower_with_the_e5_recipe_model():
+    """The E5-recipe small model on (part of) the labelled packages test split: the pipeline as encode runs it
+    against three broken ones (documents embedded with the query instruction, the EOS dropped from every row,
+    document vectors shuffled). A metric that could not tell them apart would not be measuring retrieval."""
+    from lowmem_e5 import Embedder, load_model
+    from lowmem_e5.quality.beir import suggested_instruction
+    from lowmem_e5.quality.retrieval_metrics import summarize
+    from lowmem_e5.runtime.tokenization import TokenizedTexts
+
+    split = load_beir(PACKAGES, "test")
+    instruction = suggested_instruction(PACKAGES)
+    qids = split.query_ids[:60]
+    relevant = {d for q in qids for d in split.qrels[q]}
+    keep = [i for i, d in enumerate(split.doc_ids) if d in relevant][:60] + \
+        [i for i, d in enumerate(split.doc_ids) if d not in relevant][:140]
+    doc_ids, doc_texts = [split.doc_ids[i] for i in keep], [split.doc_texts[i] for i in keep]
+    qtexts = split.query_texts[:60]
+    e = Embedder(load_model(RuntimeConfig(model="smollm2-e5", quant="fp32", max_length=128)))
+
+    def ndcg(queries, docs):
+        idx, scores = exact_search(queries, docs)
+        return summarize(per_query_scores(split.qrels, run_from_search(qids, doc_ids, idx, scores), qids))["nDCG@10"]
+
+    def without_eos(texts, **kw):
+        tok = e.tokenize(texts, **kw)
+        return e.encode_tokenized(TokenizedTexts(rows=[r[:-1] for r in tok.rows], truncated=[]))[0]
+
+    queries, docs = e.encode_queries(qtexts, instruction=instruction), e.encode_documents(doc_texts)
+    right = ndcg(queries, docs)
+    instructed_docs = e.encode_queries(doc_texts, instruction=instruction)
+    broken = {"documents with the query instruction": ndcg(queries, instructed_docs),
+              "EOS dropped": ndcg(without_eos(qtexts, query=True, instruction=instruction), without_eos(doc_texts)),
+              "document vectors shuffled": ndcg(queries, docs[np.random.default_rng(0).permutation(len(docs))])}
+    assert right > 0.5, right
+    for name, value in broken.items():
+        assert value < right - 0.15, (name, value, right)

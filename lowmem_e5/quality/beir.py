@@ -67,7 +67,8 @@ def _jsonl_rows(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
             if not (row.get("title", "") + row["text"]).strip():
                 raise BeirError(f"{path} line {number}: {row['_id']!r} has no text; expected some text to embed")
             if row["_id"] in seen:
-                raise BeirError(f"{path} line {number}: duplicate _id {row['_id']!r} (first on line {seen[row['_id']]})")
+                raise BeirError(f"{path} line {number}: duplicate _id {row['_id']!r} "
+                                f"(first on line {seen[row['_id']]})")
             seen[row["_id"]] = number
             rows.append((number, row))
     if not rows:
@@ -111,7 +112,8 @@ def load_beir(root: str | Path, split: str = "test") -> BeirSplit:
     if not root.is_dir():
         raise BeirError(f"BEIR folder {str(root)!r} does not exist; expected a folder with corpus.jsonl, "
                         "queries.jsonl and qrels/<split>.tsv")
-    corpus_path, queries_path, qrels_path = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
+    corpus_path, queries_path = root / "corpus.jsonl", root / "queries.jsonl"
+    qrels_path = root / "qrels" / f"{split}.tsv"
     for path in (corpus_path, queries_path):
         if not path.is_file():
             raise BeirError(f"BEIR folder {str(root)!r} has no {path.name}; expected corpus.jsonl, queries.jsonl "

@@ -160,7 +160,8 @@ def markdown_table(records: list[dict], retrieval_records: list[dict] | None = N
     front = set(pareto_front(points))
     by_label = {r["run"]["label"]: r for r in retrieval_records or []}
     extra = " nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] |" if by_label else ""
-    lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |" + extra,
+    lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |"
+             + extra,
              "|---|---:|---:|---:|---:|---:|---:|---:|:-:|" + ("---:|---:|---:|---|" if by_label else "")]
     for i in sorted(range(len(records)), key=lambda i: -points[i][0]):
         r = records[i]

@@ -66,6 +66,7 @@ class Pair:
     query: str
     document: str
     negative: str | None = None
+    instruction: str | None = None  # this pair's query instruction; None: the run's --task / --instruction
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
@@ -98,11 +99,12 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def pairs_from_beir(split) -> list[Pair]:
-    """One pair per relevant (score > 0) judgement of a BEIR split."""
+def pairs_from_beir(split, instruction: str | None = None) -> list[Pair]:
+    """One pair per relevant (score > 0) judgement of a BEIR split; instruction: its queries' (several folders,
+    several tasks, as E5 trains)."""
     text_of_doc = dict(zip(split.doc_ids, split.doc_texts))
     text_of_query = dict(zip(split.query_ids, split.query_texts))
-    return [Pair(text_of_query[q], text_of_doc[d]) for q in split.query_ids
+    return [Pair(text_of_query[q], text_of_doc[d], instruction=instruction) for q in split.query_ids
             for d, rel in split.qrels[q].items() if rel > 0]
 
 
@@ -124,6 +126,29 @@ def _embed(model, rows: list[list[int]], pad: int, device: str) -> torch.Tensor:
     return torch.nn.functional.normalize(last_token_pool(hidden, mask.to(device)).float(), dim=-1)
 
 
+def query_rows(embedder: Embedder, pairs: list[Pair], instruction: str | None) -> list[list[int]]:
+    """Each pair's query as `encode` tokenises it: with its own instruction, else the run's."""
+    rows: list = [None] * len(pairs)
+    for this in dict.fromkeys(p.instruction or instruction for p in pairs):
+        members = [i for i, p in enumerate(pairs) if (p.instruction or instruction) == this]
+        for i, row in zip(members, embedder.tokenize([pairs[i].query for i in members], query=True,
+                                                     instruction=this).rows):
+            rows[i] = row
+    return rows
+
+
+def epoch_batches(pairs: list[Pair], batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch's batches: each from one instruction (task), so in-batch negatives are documents of the same kind,
+    not trivially told apart; a task's last partial batch is dropped; batch order shuffled. Deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for this in dict.fromkeys(p.instruction for p in pairs):
+        members = [i for i, p in enumerate(pairs) if p.instruction == this]
+        order = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+        batches += [order[k:k + batch_size] for k in range(0, len(order) - batch_size + 1, batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
 def _lr_lambda(total: int, warmup: float):
     warm = max(1, int(total * warmup))
 
@@ -134,15 +159,22 @@ def _lr_lambda(total: int, warmup: float):
 
 def train_adapter(config: RuntimeConfig, pairs: list[Pair], fc: FinetuneConfig, output: Path, *,
                   task: str | None = None, instruction: str | None = None, progress: bool = True,
-                  restart: bool = False, stop_after: int | None = None) -> dict:
+                  restart: bool = False, stop_after: int | None = None, gradient_checkpointing: bool = True) -> dict:
     """Train a LoRA on the pairs and save it to `output` (atomically). A checkpoint folder `output`.partial keeps
     the adapter and optimizer every fc.checkpoint_every steps; the same call resumes from it. stop_after: stop after
-    that many steps in this call (tests; a stopped run resumes)."""
+    that many steps in this call (tests; a stopped run resumes). gradient_checkpointing: keep only each layer's input
+    for the backward pass and recompute the rest (the same numbers; a batch of 32 x 128 tokens on the 135M model
+    otherwise held over 24 GB on the CPU and was killed), at about a third more compute."""
+    from ..environment import import_gptqmodel_quietly
+
+    import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     output = Path(output)
-    inst = resolve_instruction(task, instruction)
+    inst = resolve_instruction(task, instruction) if (task or instruction) else None
+    if inst is None and any(p.instruction is None for p in pairs):
+        raise InputError("pairs without their own instruction need --task or --instruction")
     if output.exists():
         raise InputError(f"output {str(output)!r} exists; expected a new adapter folder name")
     partial = output.with_name(output.name + ".partial")
@@ -166,16 +198,21 @@ def train_adapter(config: RuntimeConfig, pairs: list[Pair], fc: FinetuneConfig, 
     base = embedder.loaded.model
     if isinstance(base, PeftModel):
         raise InputError("the base already carries adapters; finetune starts from a bare base")
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, LoraConfig(r=fc.rank, lora_alpha=fc.alpha, lora_dropout=0.0,
                                             target_modules=list(fc.targets)))
-    queries = embedder.tokenize([p.query for p in pairs], query=True, instruction=inst).rows
+    queries = query_rows(embedder, pairs, inst)
     documents = embedder.tokenize([p.document for p in pairs]).rows
     negatives = {i: r for i, r in zip([i for i, p in enumerate(pairs) if p.negative],
                                       embedder.tokenize([p.negative for p in pairs if p.negative]).rows)} \
         if any(p.negative for p in pairs) else {}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=fc.lr, weight_decay=0.0)
-    steps_per_epoch = len(pairs) // fc.batch_size or 1  # a last batch with fewer negatives is dropped
+    steps_per_epoch = len(epoch_batches(pairs, fc.batch_size, fc.seed))
+    if steps_per_epoch == 0:
+        raise InputError(f"no task has {fc.batch_size} pairs; lower --batch-size (a batch's negatives come from "
+                         "one task)")
     total = fc.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, fc.warmup))
     losses: list[float] = []
@@ -190,10 +227,12 @@ def train_adapter(config: RuntimeConfig, pairs: list[Pair], fc: FinetuneConfig, 
     bar = tqdm(total=total, initial=len(losses), desc="finetune", unit="step", disable=not progress)
     t0 = time.perf_counter()
     done_here = 0
-    for step in range(len(losses), total):
+    first_step = len(losses)  # > 0 when resumed
+    for step in range(first_step, total):
         epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(fc.seed + epoch)).tolist()
-        idx = order[k * fc.batch_size:(k + 1) * fc.batch_size]
+        if k == 0 or step == first_step:
+            batches = epoch_batches(pairs, fc.batch_size, fc.seed + epoch)
+        idx = batches[k]
         q = _embed(model, [queries[i] for i in idx], pad, device)
         doc_rows = [documents[i] for i in idx] + [negatives[i] for i in idx if i in negatives]
         d = _embed(model, doc_rows, pad, device)

@@ -8,9 +8,7 @@ on which drift is measured.
 
 from __future__ import annotations
 
-import logging
-import os
-
+from ..environment import import_keeping_environment
 from ..errors import LowmemError
 from .config import RuntimeConfig
 
@@ -19,19 +17,13 @@ CALIBRATION_MAX_TOKENS = 512
 
 
 def require_gptq() -> None:
-    """Import gptqmodel once, undoing what its import does to the process: it points HF_HOME and the hub caches at
-    a folder of its own (/tmp/tokenicer_hf_home), sets allocator variables, and lowers the root logger to INFO."""
-    env, root_level = dict(os.environ), logging.getLogger().level
+    """Import gptqmodel and optimum's GPTQ once, undoing what gptqmodel's import does to the process
+    (environment.import_keeping_environment)."""
     try:
-        import gptqmodel  # noqa: F401
-        import optimum.gptq  # noqa: F401
+        import_keeping_environment("gptqmodel", "optimum.gptq")
     except ImportError as exc:
         raise LowmemError(f"quant='gptq4' needs optimum and gptqmodel ({exc.name} is missing); install the extra: "
                           f"{GPTQ_EXTRA}") from None
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-        logging.getLogger().setLevel(root_level)
 
 
 def calibration_rows(tokenizer, max_tokens: int = CALIBRATION_MAX_TOKENS) -> list[dict]:

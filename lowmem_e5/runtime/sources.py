@@ -1,5 +1,5 @@
-"""Which folder or hub id a model name means: a local folder (checked), a hub id, or "default", the cached small
-real model, built on first use by default_model."""
+"""Which folder or hub id a model name means: a local folder (checked), a hub id, "default", the cached small
+real model, or "smollm2-e5", that model with the E5-recipe LoRA merged; both built on first use by default_model."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def resolve_model_source(model: str) -> tuple[str, bool]:
         from ..default_model import ensure_default_model
 
         return str(ensure_default_model()), True
+    from ..default_model import E5_MODEL
+
+    if model == E5_MODEL:
+        from ..default_model import ensure_e5_model
+
+        return str(ensure_e5_model()), True
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
