@@ -108,8 +108,8 @@ def test_bad_pairs_and_settings_are_refused(tmp_path):
     for text, message in ((' {"query": "q"}\n{"query": "q", "document": "d"}', r"line 1: 'document' is missing"),
                           ('{"query": "q", "document": ""}\n{"query": "q", "document": "d"}',
                            r"line 1: 'document' is empty"),
-                          ('{"query": "q", "document": "d"}\n[1]', r"line 2: expected an object"),
-                          ('{"query": "q", "document": "d"', r"line 1: not valid JSON"),
+                          ('{"query": "q", "document": "d"}\n[1]', r"p.jsonl:2: expected a JSON object, got list"),
+                          ('{"query": "q", "document": "d"', r"p.jsonl:1: malformed JSON"),
                           ('{"query": "q", "document": "d"}', r"has 1 pairs; expected at least 2")):
         path.write_text(text)
         with pytest.raises(InputError, match=message):

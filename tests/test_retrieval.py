@@ -53,7 +53,7 @@ def test_a_beir_folder_reads_documents_as_title_space_text(tmp_path):
     ("no folder", r"BEIR folder '.*nope' does not exist; expected a folder with corpus.jsonl"),
     ("no corpus", r"has no corpus.jsonl; expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv"),
     ("no split", r"has no qrels/dev.tsv; splits there: test"),
-    ("bad json", r"corpus.jsonl line 2: not valid JSON"),
+    ("bad json", r"corpus.jsonl:2: malformed JSON"),
     ("no id", r"queries.jsonl line 1: '_id' is missing; expected a string"),
     ("list text", r"corpus.jsonl line 1: 'text' is a list; expected a string"),
     ("empty text", r"corpus.jsonl line 1: 'd1' has no text"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..hashing import file_sha256
+from ..jobs.inputs import parse_jsonl_line, read_lines
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -42,35 +43,42 @@ def document_text(title: str, text: str) -> str:
     return f"{title} {text}".strip()
 
 
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """jobs.inputs' reader (UTF-8 errors name the line), its errors as BeirError."""
+    try:
+        return read_lines(path)
+    except InputError as exc:
+        raise BeirError(str(exc)) from None
+
+
+def _object(path: Path, number: int, line: str) -> dict:
+    try:
+        return parse_jsonl_line(path, number, line)
+    except InputError as exc:
+        raise BeirError(str(exc)) from None
+
+
 def _jsonl_rows(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, row) for every non-empty line; each row an object with string `_id` and `text`."""
+    """(line number, row) for every non-empty line; each row an object with string `_id` and `text`. Decoding and
+    JSON errors come from jobs.inputs, as for encode's inputs: `path:line: ...`."""
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BeirError(f"{path} line {number}: not valid JSON ({exc.msg}); expected one object per line "
-                                f"with {', '.join(repr(f) for f in fields)}") from None
-            if not isinstance(row, dict):
-                raise BeirError(f"{path} line {number}: a {type(row).__name__}, expected an object with "
-                                f"{', '.join(repr(f) for f in fields)}")
-            for field in fields:
-                value = row.get(field, "" if field == "title" else None)
-                if field == "_id" and isinstance(value, int) and not isinstance(value, bool):
-                    row["_id"] = value = str(value)  # some BEIR exports write numeric ids
-                if not isinstance(value, str):
-                    got = "missing" if value is None else f"a {type(value).__name__}"
-                    raise BeirError(f"{path} line {number}: {field!r} is {got}; expected a string")
-            if not (row.get("title", "") + row["text"]).strip():
-                raise BeirError(f"{path} line {number}: {row['_id']!r} has no text; expected some text to embed")
-            if row["_id"] in seen:
-                raise BeirError(f"{path} line {number}: duplicate _id {row['_id']!r} "
-                                f"(first on line {seen[row['_id']]})")
-            seen[row["_id"]] = number
-            rows.append((number, row))
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        row = _object(path, number, line)
+        for field in fields:
+            value = row.get(field, "" if field == "title" else None)
+            if field == "_id" and isinstance(value, int) and not isinstance(value, bool):
+                row["_id"] = value = str(value)  # some BEIR exports write numeric ids
+            if not isinstance(value, str):
+                got = "missing" if value is None else f"a {type(value).__name__}"
+                raise BeirError(f"{path} line {number}: {field!r} is {got}; expected a string")
+        if not (row.get("title", "") + row["text"]).strip():
+            raise BeirError(f"{path} line {number}: {row['_id']!r} has no text; expected some text to embed")
+        if row["_id"] in seen:
+            raise BeirError(f"{path} line {number}: duplicate _id {row['_id']!r} (first on line {seen[row['_id']]})")
+        seen[row["_id"]] = number
+        rows.append((number, row))
     if not rows:
         raise BeirError(f"{path} has no rows; expected one JSON object per line")
     return rows
@@ -78,8 +86,7 @@ def _jsonl_rows(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
 
 def _read_qrels(path: Path, query_ids: set[str], doc_ids: set[str]) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = [line for _, line in _lines(path)]
     if not lines or tuple(lines[0].split("\t")) != QRELS_HEADER:
         got = repr(lines[0][:80]) if lines else "an empty file"
         raise BeirError(f"{path} line 1: {got}; expected the header {chr(9).join(QRELS_HEADER)!r} (tab-separated)")

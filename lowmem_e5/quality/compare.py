@@ -179,13 +179,27 @@ def markdown_table(records: list[dict], retrieval_records: list[dict] | None = N
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: Path, title: str) -> None:
-    import io
-
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _write_png(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    plt = _pyplot()
 
     xs = [r["memory"]["weight_bytes"]["total"] / 2**20 for r in records]
     ys = [max(1 - r["quality"]["mean_cosine"], 1e-6) for r in records]
@@ -204,21 +218,12 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_png(fig, path)
 
 
 def plot_retention(retrieval_records: list[dict], path: Path, title: str, measure: str = "nDCG@10") -> None:
     """Memory against retrieval retention (mode / reference mode), with the 95 % bootstrap intervals."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rows = [r for r in retrieval_records if "retention" in r["quality"]]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
@@ -235,8 +240,4 @@ def plot_retention(retrieval_records: list[dict], path: Path, title: str, measur
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_png(fig, path)

@@ -24,13 +24,14 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InputError, ResumeMismatchError
+from ..jobs.inputs import parse_jsonl_line, read_lines
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder, resolve_instruction
 from ..runtime.loading import load_model
 from ..runtime.pooling import last_token_pool
 from ..runtime.tokenization import pad_rows
+from .repair import ALL_PROJECTIONS
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STATE_FILE = "finetune_state.pt"
 RECORD_FILE = "finetune.json"
 
@@ -75,25 +76,18 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise InputError(f"pairs file {str(path)!r} does not exist; expected a .jsonl of query/document pairs")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        row = parse_jsonl_line(path, number, line)
+        for field in ("query", "document", "negative"):
+            value = row.get(field)
+            if field == "negative" and value is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path} line {number}: not valid JSON ({exc.msg}); expected an object with "
-                                 "'query' and 'document'") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path} line {number}: expected an object with 'query' and 'document'")
-            for field in ("query", "document", "negative"):
-                value = row.get(field)
-                if field == "negative" and value is None:
-                    continue
-                if not isinstance(value, str) or not value.strip():
-                    got = "missing" if value is None else "empty" if isinstance(value, str) else type(value).__name__
-                    raise InputError(f"{path} line {number}: {field!r} is {got}; expected a non-empty string")
-            pairs.append(Pair(row["query"], row["document"], row.get("negative")))
+            if not isinstance(value, str) or not value.strip():
+                got = "missing" if value is None else "empty" if isinstance(value, str) else type(value).__name__
+                raise InputError(f"{path} line {number}: {field!r} is {got}; expected a non-empty string")
+        pairs.append(Pair(row["query"], row["document"], row.get("negative")))
     if len(pairs) < 2:
         raise InputError(f"{path} has {len(pairs)} pairs; expected at least 2 (in-batch negatives)")
     return pairs
