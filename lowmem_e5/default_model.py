@@ -123,7 +123,7 @@ def build_default_model(target: Path | None = None, *, verbose: bool = True) -> 
 
 def merge_adapter_into(base: Path, adapter: Path, target: Path, note: str) -> Path:
     """base model folder + peft LoRA folder -> a plain model folder with the adapter merged (fp32), atomically."""
-    from .environment import import_gptqmodel_quietly
+    from .quiet_imports import import_gptqmodel_quietly
 
     import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
     from peft import PeftModel

@@ -11,33 +11,6 @@ import torch
 PACKAGES = ("torch", "transformers", "bitsandbytes", "peft", "optimum", "tokenizers", "safetensors", "numpy", "gguf")
 
 
-def import_keeping_environment(*modules: str) -> None:
-    """Import modules with the process left as it was. gptqmodel's import repoints HF_HOME and the hub caches at a
-    folder of its own (/tmp/tokenicer_hf_home), sets allocator variables and lowers the root logger to INFO; peft
-    imports it whenever it builds LoRA layers, so a later hub load would look in the wrong cache. ImportError
-    propagates."""
-    import importlib
-    import logging
-
-    env, root_level = dict(os.environ), logging.getLogger().level
-    try:
-        for name in modules:
-            importlib.import_module(name)
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-        logging.getLogger().setLevel(root_level)
-
-
-def import_gptqmodel_quietly() -> None:
-    """Before anything peft does: import gptqmodel, if installed, keeping the environment (see above)."""
-    import importlib.util
-    import sys
-
-    if "gptqmodel" not in sys.modules and importlib.util.find_spec("gptqmodel") is not None:
-        import_keeping_environment("gptqmodel")
-
-
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in PACKAGES:

@@ -57,7 +57,7 @@ class RepairConfig:
 def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: CalibrationSet, rc: RepairConfig,
                          output: Path, progress: bool = True) -> dict:
     """Train on `tune`, save the adapter to `output` (atomically); returns the training log."""
-    from ..environment import import_gptqmodel_quietly
+    from ..quiet_imports import import_gptqmodel_quietly
 
     import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
     from peft import LoraConfig, get_peft_model

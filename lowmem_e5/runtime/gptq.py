@@ -8,8 +8,8 @@ on which drift is measured.
 
 from __future__ import annotations
 
-from ..environment import import_keeping_environment
 from ..errors import LowmemError
+from ..quiet_imports import import_keeping_environment
 from .config import RuntimeConfig
 
 GPTQ_EXTRA = "pip install 'lowmem-e5[gptq]'"
@@ -18,7 +18,7 @@ CALIBRATION_MAX_TOKENS = 512
 
 def require_gptq() -> None:
     """Import gptqmodel and optimum's GPTQ once, undoing what gptqmodel's import does to the process
-    (environment.import_keeping_environment)."""
+    (quiet_imports.import_keeping_environment)."""
     try:
         import_keeping_environment("gptqmodel", "optimum.gptq")
     except ImportError as exc:

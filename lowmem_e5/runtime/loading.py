@@ -123,7 +123,7 @@ def attach_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike, name:
 
     Adapters are loaded for inference and stay unmerged, so a quantised base keeps its exact weights.
     """
-    from ..environment import import_gptqmodel_quietly
+    from ..quiet_imports import import_gptqmodel_quietly
 
     import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
     from peft import PeftModel
