@@ -56,7 +56,10 @@ def test_two_workers_give_the_single_process_vectors(tmp_path, tiny_model_dir, q
     config = RuntimeConfig(model=str(tiny_model_dir), quant=quant, max_length=512)
     summary = on_ray(tmp_path / "in", tmp_path / "out", config, workers=2, batch_size=4)
     assert summary.rows == 36 and summary.shards == 4 and summary.retries == 0 and summary.real_tokens > 0
-    assert len(summary.extra["model_load_s"]) == 2 and summary.extra["ray_start_s"] > 0
+    # Ray Data starts both actors but may finish a small job before the second has loaded its model (seen in CI
+    # under CPU contention: one load reported), so the loads reported are one per worker that finished loading
+    assert summary.extra["workers"] == 2 and 1 <= len(summary.extra["model_load_s"]) <= 2
+    assert all(s > 0 for s in summary.extra["model_load_s"]) and summary.extra["ray_start_s"] > 0
     assert not ray.is_initialized()
     assert_same_vectors(tmp_path / "out", texts, Embedder(load_model(config)), 0.9999)
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
