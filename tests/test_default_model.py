@@ -1,6 +1,7 @@
 """The embedded default model: a Llama-architecture checkpoint copied exactly into E5's MistralModel."""
 
 import json
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaModel, MistralModel
@@ -26,6 +27,22 @@ def test_llama_weights_copied_into_mistral_give_identical_outputs():
 
 
 def test_cached_default_model_is_smollm2_in_the_e5_architecture(real_model_dir):
+    """The default is the raw SmolLM2 copy with the committed E5-recipe LoRA merged: its projections differ from the
+    raw model's, what LoRA does not touch (token embedding, norms) is the raw model's bit for bit."""
+    from safetensors import safe_open
+
+    from lowmem_e5.default_model import E5_ADAPTER_DIR
+    from lowmem_e5.hashing import file_sha256
+    from lowmem_e5.runtime.sources import resolve_model_source
+
+    raw_dir = Path(resolve_model_source("smollm2-raw")[0])
+    assert Path(resolve_model_source("smollm2-e5")[0]) == real_model_dir != raw_dir
+    assert file_sha256(E5_ADAPTER_DIR / "adapter_model.safetensors") in (real_model_dir / "SOURCE.txt").read_text()
+    with safe_open(real_model_dir / "model.safetensors", "pt") as e5, safe_open(raw_dir / "model.safetensors", "pt") as raw:
+        for name in ("embed_tokens.weight", "norm.weight", "layers.3.input_layernorm.weight"):
+            assert torch.equal(e5.get_tensor(name), raw.get_tensor(name)), name
+        for name in ("layers.3.self_attn.q_proj.weight", "layers.3.mlp.down_proj.weight"):
+            assert not torch.equal(e5.get_tensor(name), raw.get_tensor(name)), name
     config = json.loads((real_model_dir / "config.json").read_text())
     assert config["model_type"] == "mistral" and config["architectures"] == ["MistralModel"]
     assert config["sliding_window"] is None

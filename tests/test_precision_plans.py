@@ -90,5 +90,16 @@ def test_compare_grid_writes_one_json_per_run_a_table_and_a_png_and_resumes(tmp_
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = []
     again, _ = run_grid(entries, base, reference, cset, out, log=logged.append)
-    assert all("kept" in line for line in logged)
+    assert all("kept" in line for line in logged), logged
     assert json.dumps(again, sort_keys=True) == json.dumps(json.loads(json.dumps(records)), sort_keys=True)
+    # a result file of another model (here: its fingerprint edited) or of other settings is redone, saying why
+    stale = json.loads((out / "nf4.json").read_text())
+    stale["run"]["model_fingerprint"]["weights_sha256"] = "0" * 64
+    (out / "nf4.json").write_text(json.dumps(stale))
+    logged = []
+    run_grid(entries[2:3], base, reference, cset, out, log=logged.append)
+    assert logged[0] == "[1/1] nf4: nf4.json redone: it was made from another model", logged
+    assert json.loads((out / "nf4.json").read_text())["run"]["model_fingerprint"] == records[0]["run"]["model_fingerprint"]
+    logged = []
+    run_grid(entries[1:2], base.replace(int8_threshold=0.0), reference, cset, out, log=logged.append)
+    assert logged[0] == "[1/1] int8: int8.json redone: it was made with other settings", logged

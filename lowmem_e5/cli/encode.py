@@ -80,14 +80,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_build_default_model(args: argparse.Namespace) -> int:
-    from ..default_model import build_default_model, default_model_path, remove_default_model
+    from ..default_model import ensure_default_model, remove_default_model
 
     if args.force:
         remove_default_model()
-    path = default_model_path()
-    if not (path / "config.json").is_file():
-        build_default_model(path)
-    print(path)
+    print(ensure_default_model())
     return 0
 
 
@@ -126,6 +123,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_environment_commands(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
     sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)
-    b = sub.add_parser("build-default-model", help="fetch and convert the small real model into the cache")
+    b = sub.add_parser("build-default-model", help="fetch and convert the small real model, merge its E5-recipe adapter, into the cache")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(func=cmd_build_default_model)

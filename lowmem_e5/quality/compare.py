@@ -13,7 +13,9 @@ from ..results import slug
 from ..runtime.calibration_set import CalibrationSet
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder
+from ..runtime.fingerprint import model_identity
 from ..runtime.loading import load_model
+from ..runtime.sources import resolve_model_source
 from .beir import BeirSplit
 from .evaluation import drift_run
 from .reference import Reference
@@ -76,24 +78,59 @@ def retrieval_path(out_dir: Path, label: str) -> Path:
     return out_dir / f"{slug(label)}.retrieval.json"
 
 
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "model"}  # the model is identified by its fingerprint
+
+
+def stale_reason(record: dict, config: RuntimeConfig, model: dict, split: BeirSplit | None = None) -> str | None:
+    """Why a result file of an earlier grid run cannot stand for this one (None: it can)."""
+    run = record.get("run", {})
+    if "model_fingerprint" not in run:
+        return "it records no model fingerprint (written by an older lowmem-e5)"
+    if run["model_fingerprint"] != model:
+        return "it was made from another model"
+    if _settings(run.get("config", {})) != _settings(json.loads(json.dumps(config.to_dict()))):  # as JSON stores it
+        return "it was made with other settings"
+    if split is not None and (run.get("corpus_sha256"), run.get("split")) != (split.corpus_sha256, split.split):
+        return "it was made on another corpus or split"
+    return None
+
+
+def _kept(path: Path, config: RuntimeConfig, model: dict, split: BeirSplit | None = None) -> tuple[dict | None, str]:
+    if not path.exists():
+        return None, ""
+    record = json.loads(path.read_text())
+    reason = stale_reason(record, config, model, split)
+    return (None, f"{path.name} redone: {reason}") if reason else (record, "")
+
+
 def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference, cset: CalibrationSet,
              out_dir: Path, force: bool = False, log=print, retrieval: RetrievalSpec | None = None,
              ) -> tuple[list[dict], list[dict]]:
     """Drift records (and retrieval records with retention against the reference mode's, for compare --beir).
-    Resumable: a run whose result files exist (same label) is read back, not recomputed."""
+    Resumable: a run whose result files exist is read back, not recomputed, when they were made from this model
+    (fingerprint), with these settings (and on this corpus); otherwise it is redone, saying why."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = model_identity(resolve_model_source(base.model)[0])
     records, retrieval_records = [], []
     for i, e in enumerate(entries, start=1):
         path = out_dir / f"{slug(e.label)}.json"
         r_path = retrieval_path(out_dir, e.label)
-        if path.exists() and (retrieval is None or r_path.exists()) and not force:
-            log(f"[{i}/{len(entries)}] {e.label}: kept {path.name}")
-            records.append(json.loads(path.read_text()))
-            if retrieval is not None:
-                retrieval_records.append(json.loads(r_path.read_text()))
-            continue
         config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides,
                               group_size=e.group_size)
+        if not force:
+            kept, why = _kept(path, config.replace(max_length=reference.max_length), model)
+            if kept is not None and retrieval is not None:
+                r_kept, why = _kept(r_path, config.replace(max_length=RETRIEVAL_MAX_LENGTH), model, retrieval.split)
+                kept = kept if r_kept is not None else None
+            if kept is not None:
+                log(f"[{i}/{len(entries)}] {e.label}: kept {path.name}")
+                records.append(kept)
+                if retrieval is not None:
+                    retrieval_records.append(r_kept)
+                continue
+            if why:
+                log(f"[{i}/{len(entries)}] {e.label}: {why}")
         if e.quant == "gptq4":
             from ..runtime.gptq import model_group_size_problem
 

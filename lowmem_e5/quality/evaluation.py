@@ -12,6 +12,7 @@ from ..results import mode_label, result_record, slug
 from ..runtime.calibration_set import CALIBRATION_DIR, CalibrationSet
 from ..runtime.config import FULL_PRECISION_DTYPES, RuntimeConfig
 from ..runtime.encoder import Embedder
+from ..runtime.fingerprint import model_identity
 from ..runtime.loading import load_model
 from ..runtime.sources import resolve_model_source
 from .drift import DriftReport, measure_drift
@@ -73,7 +74,8 @@ def drift_run(config: RuntimeConfig, reference: Reference, cset: CalibrationSet,
     record = result_record(
         run={"mode": mode_label(config.quant, config.double_quant, plan,
                                  config.group_size if config.quant == "gptq4" else None), "config": config.to_dict(),
-             "model_source": source, "set_version": cset.version, "n_texts": len(cset.rows),
+             "model_source": source, "model_fingerprint": model_identity(source), "set_version": cset.version,
+             "n_texts": len(cset.rows),
              "reference_mode": reference.mode, "max_length": reference.max_length},
         quality=report.to_dict(),
         memory={"weight_bytes": embedder.loaded.weight_bytes.to_dict()},

@@ -17,7 +17,7 @@ from ..jobs.corpus_job import config_identity
 from ..results import mode_label, result_record
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder
-from ..runtime.fingerprint import adapter_fingerprint, model_fingerprint
+from ..runtime.fingerprint import adapter_fingerprint, model_identity
 from ..runtime.loading import load_model
 from .beir import BeirSplit
 from .retrieval_metrics import (
@@ -47,9 +47,7 @@ class DocumentCache:
 
     @staticmethod
     def key(model_source: str, config: RuntimeConfig, adapter: str | None, corpus_sha256: str) -> str:
-        fingerprint = model_fingerprint(model_source)
-        fingerprint.pop("versions", None)
-        identity = {"version": DOCUMENT_CACHE_VERSION, "model": fingerprint, "config": config_identity(config),
+        identity = {"version": DOCUMENT_CACHE_VERSION, "model": model_identity(model_source), "config": config_identity(config),
                     "adapter": adapter_fingerprint(adapter) if adapter else None, "corpus_sha256": corpus_sha256}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -116,7 +114,8 @@ def retrieval_run(config: RuntimeConfig, split: BeirSplit, *, task: str | None =
     per_query = per_query_scores(split.qrels, run_from_search(split.query_ids, split.doc_ids, indices, scores),
                                  split.query_ids)
     record = result_record(
-        run={"mode": label, "config": config.to_dict(), "model_source": source, **split.describe(), "task": task,
+        run={"mode": label, "config": config.to_dict(), "model_source": source,
+             "model_fingerprint": model_identity(source), **split.describe(), "task": task,
              "instruction": instruction, "adapter": str(adapter) if adapter else None},
         quality={**summarize(per_query), "per_query": {"query_ids": split.query_ids,
                                                        **{m: v.tolist() for m, v in per_query.items()}}},

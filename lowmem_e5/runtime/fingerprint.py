@@ -77,6 +77,13 @@ def model_fingerprint(source: str) -> dict:
     }
 
 
+def model_identity(source: str) -> dict:
+    """The fingerprint without library versions: what result records and caches are tied to."""
+    fingerprint = model_fingerprint(source)
+    fingerprint.pop("versions", None)
+    return fingerprint
+
+
 def same_model(a: dict, b: dict) -> list[str]:
     """The identity fields that differ (library versions are recorded, not enforced)."""
     return [k for k in ("config_sha256", "weights_sha256", "tokenizer_sha256") if a.get(k) != b.get(k)]

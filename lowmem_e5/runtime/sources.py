@@ -1,5 +1,6 @@
-"""Which folder or hub id a model name means: a local folder (checked), a hub id, "default", the cached small
-real model, or "smollm2-e5", that model with the E5-recipe LoRA merged; both built on first use by default_model."""
+"""Which folder or hub id a model name means: a local folder (checked), a hub id, "default" (also "smollm2-e5"), the
+cached small model made an embedder, or "smollm2-raw", that model before the E5 recipe; built on first use by
+default_model."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ from .config import DEFAULT_MODEL
 
 
 def resolve_model_source(model: str) -> tuple[str, bool]:
-    """(source, is_local). "default" is the cached small real model, built on first use."""
-    if model == DEFAULT_MODEL:
+    """(source, is_local). The default model's names are built into the cache on first use."""
+    from ..default_model import E5_MODEL, RAW_MODEL
+
+    if model in (DEFAULT_MODEL, E5_MODEL):
         from ..default_model import ensure_default_model
 
         return str(ensure_default_model()), True
-    from ..default_model import E5_MODEL
+    if model == RAW_MODEL:
+        from ..default_model import ensure_raw_model
 
-    if model == E5_MODEL:
-        from ..default_model import ensure_e5_model
-
-        return str(ensure_e5_model()), True
+        return str(ensure_raw_model()), True
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
