@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -21,8 +22,23 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu() -> dict:
+    """What CPU speed figures depend on: the model, torch's kernel level, and AVX512-BF16 (fast bf16 matmuls, and
+    bitsandbytes' 4-bit repacking, see runtime.loading.keep_4bit_layout_stable)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {"name": info.get("model name") or platform.processor() or platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": "avx512_bf16" in info.get("flags", "").split()}
+
+
 def devices() -> list[dict]:
-    found = [{"device": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
+    found = [{"device": "cpu", **cpu(), "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)

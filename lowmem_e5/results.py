@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .environment import package_versions
+from .environment import cpu, package_versions
 
 
 def mode_label(quant: str, double_quant: bool = False, plan: str | None = None,
@@ -23,7 +23,8 @@ def slug(text: str) -> str:
 
 
 def environment() -> dict:
-    return {"python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu(),
+            "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "packages": package_versions()}
 
