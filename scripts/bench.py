@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lowmem_e5 import Embedder, RuntimeConfig, __version__, load_model
-from lowmem_e5.environment import package_versions
+from lowmem_e5.environment import cpu, package_versions
 from lowmem_e5.jobs.atomic import write_json_atomic
 from lowmem_e5.runtime.batching import fixed_size_batches, padded_tokens, plan_batches
 from lowmem_e5.runtime.calibration_set import load_calibration_set
@@ -303,7 +303,7 @@ def main() -> None:
     work = workloads(probe.loaded.tokenizer)
     del probe
     results = {"command": "python " + " ".join(sys.argv), "lowmem_e5": __version__,
-               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+               "machine": {"platform": platform.platform(), "cpu": cpu(), "torch_threads": torch.get_num_threads()},
                "versions": {**package_versions(), "sentence-transformers": version("sentence-transformers")}, "repeats": args.repeats,
                "max_length": MAX_LENGTH, "modes": []}
     for mode in modes:

@@ -1,5 +1,5 @@
-"""Does retrieval quality tell a working pipeline from broken ones? The default model (smollm2-e5, the E5-recipe small model) on part
-of the labelled packages test split, the pipeline as `encode` runs it against four broken ones.
+"""Does retrieval quality tell a working pipeline from broken ones? The default model (smollm2-e5, the E5-recipe
+small model) on part of the labelled packages test split, the pipeline as `encode` runs it against four broken ones.
 
     python scripts/broken_pipelines.py   # -> calibration/results/retrieval/broken_pipelines.json
 """

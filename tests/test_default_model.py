@@ -38,7 +38,8 @@ def test_cached_default_model_is_smollm2_in_the_e5_architecture(real_model_dir):
     raw_dir = Path(resolve_model_source("smollm2-raw")[0])
     assert Path(resolve_model_source("smollm2-e5")[0]) == real_model_dir != raw_dir
     assert file_sha256(E5_ADAPTER_DIR / "adapter_model.safetensors") in (real_model_dir / "SOURCE.txt").read_text()
-    with safe_open(real_model_dir / "model.safetensors", "pt") as e5, safe_open(raw_dir / "model.safetensors", "pt") as raw:
+    e5_weights, raw_weights = real_model_dir / "model.safetensors", raw_dir / "model.safetensors"
+    with safe_open(e5_weights, "pt") as e5, safe_open(raw_weights, "pt") as raw:
         for name in ("embed_tokens.weight", "norm.weight", "layers.3.input_layernorm.weight"):
             assert torch.equal(e5.get_tensor(name), raw.get_tensor(name)), name
         for name in ("layers.3.self_attn.q_proj.weight", "layers.3.mlp.down_proj.weight"):

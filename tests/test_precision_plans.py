@@ -99,7 +99,8 @@ def test_compare_grid_writes_one_json_per_run_a_table_and_a_png_and_resumes(tmp_
     logged = []
     run_grid(entries[2:3], base, reference, cset, out, log=logged.append)
     assert logged[0] == "[1/1] nf4: nf4.json redone: it was made from another model", logged
-    assert json.loads((out / "nf4.json").read_text())["run"]["model_fingerprint"] == records[0]["run"]["model_fingerprint"]
+    redone = json.loads((out / "nf4.json").read_text())
+    assert redone["run"]["model_fingerprint"] == records[0]["run"]["model_fingerprint"]
     logged = []
     run_grid(entries[1:2], base.replace(int8_threshold=0.0), reference, cset, out, log=logged.append)
     assert logged[0] == "[1/1] int8: int8.json redone: it was made with other settings", logged

@@ -224,10 +224,10 @@ def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tm
 
 
 def test_a_broken_pipeline_scores_clearly_lower_with_the_default_model(real_model_dir):
-    """The default model (the E5-recipe small model) on part of the labelled packages test split (40 queries against their 40
-    documents and 60 others): the pipeline as encode runs it against broken ones, the EOS dropped from every row and
-    the document vectors shuffled. (Documents embedded with the query instruction do not score lower on this model
-    and set: measured 1.000 against 0.983, README.)"""
+    """The default model (the E5-recipe small model) on part of the labelled packages test split (40 queries against
+    their 40 documents and 60 others): the pipeline as encode runs it against broken ones, the EOS dropped from every
+    row and the document vectors shuffled. (Documents embedded with the query instruction do not score lower on this
+    model and set: measured 1.000 against 0.983, README.)"""
     from lowmem_e5 import Embedder, load_model
     from lowmem_e5.quality.beir import suggested_instruction
     from lowmem_e5.quality.retrieval_metrics import summarize

@@ -123,6 +123,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_environment_commands(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("env", help="versions, devices, and whether bitsandbytes works here").set_defaults(func=cmd_env)
     sub.add_parser("tasks", help="the official E5 task instructions").set_defaults(func=cmd_tasks)
-    b = sub.add_parser("build-default-model", help="fetch and convert the small real model, merge its E5-recipe adapter, into the cache")
+    b = sub.add_parser("build-default-model", help="build the default model into the cache: fetch and convert "
+                       "SmolLM2-135M, merge its E5-recipe adapter")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(func=cmd_build_default_model)

@@ -47,7 +47,8 @@ class DocumentCache:
 
     @staticmethod
     def key(model_source: str, config: RuntimeConfig, adapter: str | None, corpus_sha256: str) -> str:
-        identity = {"version": DOCUMENT_CACHE_VERSION, "model": model_identity(model_source), "config": config_identity(config),
+        identity = {"version": DOCUMENT_CACHE_VERSION, "model": model_identity(model_source),
+                    "config": config_identity(config),
                     "adapter": adapter_fingerprint(adapter) if adapter else None, "corpus_sha256": corpus_sha256}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
