@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from .runtime import bnb_notices  # noqa: F401  (first: filters bitsandbytes' notices before anything imports it)
-from .runtime.config import RuntimeConfig
-from .runtime.encoder import Embedder, EncodeStats
-from .runtime.instructions import TASK_INSTRUCTIONS, format_document, format_query
-from .runtime.loading import LoadedModel, load_model
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _package_version
 
-__version__ = "0.1.0"
+from .terminal import install_notice_filters
+
+install_notice_filters()  # first: before anything imports bitsandbytes, transformers or torchao
+
+from .runtime.config import RuntimeConfig  # noqa: E402
+from .runtime.encoder import Embedder, EncodeStats  # noqa: E402
+from .runtime.instructions import TASK_INSTRUCTIONS, format_document, format_query  # noqa: E402
+from .runtime.loading import LoadedModel, load_model  # noqa: E402
+
+try:
+    __version__ = _package_version("lowmem-e5")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 
 def load_embedder(config: RuntimeConfig | None = None, **overrides) -> Embedder:

@@ -130,9 +130,9 @@ def build_raw_model(target: Path | None = None, *, verbose: bool = True) -> Path
 
 def merge_adapter_into(base: Path, adapter: Path, target: Path, note: str) -> Path:
     """base model folder + peft LoRA folder -> a plain model folder with the adapter merged (fp32), atomically."""
-    from .quiet_imports import import_gptqmodel_quietly
+    from .quiet_imports import import_peft
 
-    import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
+    import_peft()  # before any peft use: it would import gptqmodel (extra [gptq]) even for a bitsandbytes base
     from peft import PeftModel
     from transformers import AutoTokenizer, MistralModel
 

@@ -204,3 +204,34 @@ def test_bitsandbytes_notice_about_the_kernels_package_is_not_shown():
                           timeout=120)
     assert ours.returncode == 0, ours.stderr
     assert notice not in ours.stderr and "other" in ours.stderr, ours.stderr
+
+
+OUR_LINE = re.compile(r"^(lowmem-e5: |encode: +\d+%\|)")
+
+
+def test_a_plain_encode_prints_only_our_lines_and_progress_bars(tmp_path, real_model_dir):
+    """With every extra installed (gptqmodel pulls torchao, which transformers imports whenever it is installed),
+    an nf4 encode with an adapter (peft would import gptqmodel) prints our lines and bars only, and never imports the
+    gptq extra's packages."""
+    from lowmem_e5.default_model import E5_ADAPTER_DIR
+
+    out = tmp_path / "docs.npy"
+    code = ("import sys; from lowmem_e5.cli.main import main; rc = main(sys.argv[1:]); "
+            "print('IMPORTED', sorted({m.split('.')[0] for m in sys.modules} & {'gptqmodel', 'optimum', 'logbar'})); "
+            "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "encode", "--input", DATA / "sample_docs.txt", "--output", out,
+                        "--quant", "nf4", "--adapter", E5_ADAPTER_DIR], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in re.split(r"[\r\n]+", r.stderr) if line.strip()]
+    foreign = [line for line in lines if not OUR_LINE.match(line)]
+    assert not foreign, "\n".join(foreign)
+    assert any(line.startswith("lowmem-e5: loaded ") for line in lines)
+    assert "IMPORTED []" in r.stdout, r.stdout
+
+
+def test_version():
+    from lowmem_e5 import __version__
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lowmem-e5 {__version__}" and __version__ != "0.0.0+unknown"

@@ -122,23 +122,28 @@ def test_repair_trains_through_gptq_layers(tmp_path, tiny_model_dir):
     assert drift["after"]["mean_drift"] < drift["before"]["mean_drift"]
 
 
-def test_peft_importing_gptqmodel_leaves_the_environment_alone(tiny_model_dir, tiny_adapters):
-    """peft imports gptqmodel whenever it builds LoRA layers, and that import repoints HF_HOME (so a later hub load
-    would look in another cache): loading an adapter or training one must leave the process as it was."""
+def test_peft_imports_gptqmodel_only_for_gptq_models_and_the_environment_stays(tiny_model_dir, tiny_adapters):
+    """peft imports gptqmodel whenever it builds LoRA layers if it is installed, and that import repoints HF_HOME,
+    lowers the root logger and prints a banner: an adapter on a bitsandbytes or fp32 base must not import it at all,
+    and where a GPTQ model needs it (runtime.gptq) the process is left as it was and nothing reaches the terminal."""
     import subprocess
     import sys
 
     code = f"""
-import logging, os
+import logging, os, sys
 from lowmem_e5 import Embedder, RuntimeConfig, load_model
 e = Embedder(load_model(RuntimeConfig(model={str(tiny_model_dir)!r}, quant="fp32", max_length=64)))
 env, level = dict(os.environ), logging.getLogger().level
 e.load_adapter("A", {str(tiny_adapters["A"])!r})
-import sys
-assert "gptqmodel" in sys.modules, "the test needs peft to have imported gptqmodel"
+assert "gptqmodel" not in sys.modules, "peft imported gptqmodel for an fp32 base"
+from lowmem_e5.runtime.gptq import require_gptq
+require_gptq()
+assert "gptqmodel" in sys.modules
+e.load_adapter("B", {str(tiny_adapters["B"])!r})
 changed = {{k: os.environ.get(k) for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}}
 assert not changed and logging.getLogger().level == level, (changed, logging.getLogger().level)
 print("unchanged")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("unchanged"), r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.strip() == "unchanged", r.stdout[-2000:] + r.stderr[-2000:]
+    assert "GPT-QModel" not in r.stderr and "INFO" not in r.stderr, r.stderr[-2000:]

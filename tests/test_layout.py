@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lowmem_e5"
 WINGS = ("runtime", "quality", "jobs", "serving", "cli")
 # What each part may import besides itself. "top" is the package's top-level modules (errors, results, timing,
-# environment, default_model): what every wing uses, importing no wing.
+# environment, default_model, terminal, quiet_imports): what every wing uses, importing no wing.
 MAY_IMPORT = {
     "top": {"top"},
     "runtime": {"top"},
@@ -60,7 +60,7 @@ def test_every_module_lives_in_a_wing_or_is_shared():
     top = sorted(n for n, p in all_modules().items() if part(n) == "top" and p.name != "__init__.py"
                  and p.name != "__main__.py")
     assert top == ["lowmem_e5.default_model", "lowmem_e5.environment", "lowmem_e5.errors", "lowmem_e5.hashing",
-                   "lowmem_e5.quiet_imports", "lowmem_e5.results", "lowmem_e5.timing"]
+                   "lowmem_e5.quiet_imports", "lowmem_e5.results", "lowmem_e5.terminal", "lowmem_e5.timing"]
     for wing in WINGS:
         assert (PACKAGE / wing / "__init__.py").is_file(), f"wing {wing} has no __init__.py"
 

@@ -32,6 +32,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         resolve_instruction(args.task, args.instruction)  # unknown task: fail before loading anything
     output = check_output_path(args.output)
     inputs = read_texts(args.input, field=args.field)
+    log(f"loading {config.model} as {config.quant} ...")
     t0 = time.perf_counter()
     loaded = load_model(config)
     embedder = Embedder(loaded)

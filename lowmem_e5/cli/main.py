@@ -5,15 +5,17 @@ maps errors to exit codes."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from .. import __version__
 from ..errors import LowmemError
+from ..terminal import configure_cli_output
 from . import encode, finetune, plan, quality, quantize, retrieval, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-e5", description="E5-Mistral embeddings in 8-bit or 4-bit.")
+    parser.add_argument("--version", action="version", version=f"lowmem-e5 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_commands in (encode.add_commands, quality.add_commands, retrieval.add_commands,
                          finetune.add_commands, plan.add_commands, quantize.add_commands, serve.add_commands,
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="lowmem-e5: %(message)s")
+    configure_cli_output()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -159,9 +159,9 @@ def train_adapter(config: RuntimeConfig, pairs: list[Pair], fc: FinetuneConfig, 
     that many steps in this call (tests; a stopped run resumes). gradient_checkpointing: keep only each layer's input
     for the backward pass and recompute the rest (the same numbers; a batch of 32 x 128 tokens on the 135M model
     otherwise held over 24 GB on the CPU and was killed), at about a third more compute."""
-    from ..quiet_imports import import_gptqmodel_quietly
+    from ..quiet_imports import import_peft
 
-    import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
+    import_peft()  # before any peft use: it would import gptqmodel (extra [gptq]) even for a bitsandbytes base
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -57,9 +57,9 @@ class RepairConfig:
 def train_repair_adapter(config: RuntimeConfig, reference: Reference, tune: CalibrationSet, rc: RepairConfig,
                          output: Path, progress: bool = True) -> dict:
     """Train on `tune`, save the adapter to `output` (atomically); returns the training log."""
-    from ..quiet_imports import import_gptqmodel_quietly
+    from ..quiet_imports import import_peft
 
-    import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
+    import_peft()  # before any peft use: it would import gptqmodel (extra [gptq]) even for a bitsandbytes base
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(rc.seed)

@@ -123,9 +123,9 @@ def attach_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike, name:
 
     Adapters are loaded for inference and stay unmerged, so a quantised base keeps its exact weights.
     """
-    from ..quiet_imports import import_gptqmodel_quietly
+    from ..quiet_imports import import_peft
 
-    import_gptqmodel_quietly()  # peft imports it; its import repoints HF_HOME
+    import_peft()  # before any peft use: it would import gptqmodel (extra [gptq]) even for a bitsandbytes base
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
