@@ -19,8 +19,9 @@ from lowmem_e5.runtime.pooling import rowwise_cosine
 from .conftest import MIXED_TEXTS
 
 TEXTS = MIXED_TEXTS[:4]
-GPTQ = pytest.param("gptq4", marks=pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
-                                                      reason="the [gptq] extra is not installed"))
+# slow: GPTQ's calibration pass (23 s); gptq4's fast test is test_gptq.py's quantise-at-load
+GPTQ = pytest.param("gptq4", marks=[pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                                                       reason="the [gptq] extra is not installed"), pytest.mark.slow])
 
 
 def quantize(model_dir, out, quant, **kw):

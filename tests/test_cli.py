@@ -124,6 +124,7 @@ def test_resuming_with_other_texts_is_refused(tmp_path, tiny_embedder):
     assert result.shape == (4, 64) and result.chunks_resumed == 0
 
 
+@pytest.mark.slow  # 30 s; in-process twin: test_an_interrupted_job_resumes_without_recomputing_finished_chunks
 def test_a_killed_cli_run_leaves_no_output_and_resumes(tmp_path, real_model_dir):
     src = tmp_path / "many.txt"
     lines = (DATA / "sample_docs.txt").read_text().splitlines()

@@ -77,6 +77,7 @@ def ray_worker_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # 80 s on the real model; the Ray path's fast tests: test_two_workers_give_the_single_process_vectors
 def test_a_worker_killed_mid_run_loses_and_repeats_no_row(tmp_path, real_model_dir, real_fp32):
     texts = write_corpus(tmp_path / "in", shards=6, rows=30)
     config = RuntimeConfig(model=str(real_model_dir), quant="fp32", max_length=512)
@@ -129,6 +130,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # 75 s on the real model; resume's fast test: test_corpus.py::test_cli_writes_parquet_and_resumes
 def test_a_killed_driver_resumes_from_its_finished_shards(tmp_path, real_model_dir, real_fp32):
     texts = write_corpus(tmp_path / "in", shards=6, rows=30)
     args = [sys.executable, "-m", "lowmem_e5", "encode", "--input", tmp_path / "in", "--output", tmp_path / "out",

@@ -55,8 +55,11 @@ def test_a_reference_of_another_model_is_refused(reference, tiny_model_dir):
         reference.check_model(str(tiny_model_dir))
 
 
-@pytest.mark.parametrize("quant, double_quant", [("bf16", False), ("int8", False), ("nf4", False), ("nf4", True),
-                                                  ("fp4", False)])
+# bf16 is 5-6x slower than fp32 on CPUs without AVX512-BF16, and fp4 drifts most: both gates are `slow`; their fast
+# tests are on the tiny model (test_quantization.py, test_planner.py, test_checkpoints.py)
+@pytest.mark.parametrize("quant, double_quant", [pytest.param("bf16", False, marks=pytest.mark.slow), ("int8", False),
+                                                  ("nf4", False), ("nf4", True),
+                                                  pytest.param("fp4", False, marks=pytest.mark.slow)])
 def test_mode_drift_stays_within_its_gate(reference, subset, real_model_dir, quant, double_quant):
     config = RuntimeConfig(model=str(real_model_dir), quant=quant, double_quant=double_quant)
     run = drift_run(config, reference, subset)
@@ -84,6 +87,7 @@ def test_dropping_the_eos_fails_the_drift_check(reference, subset, real_fp32, mo
     assert gate_failures(run.report, "int8"), run.report.to_dict()  # worse than int8 quantisation
 
 
+@pytest.mark.slow  # 23 s; its fast twin: test_dropping_the_eos_fails_the_drift_check
 def test_a_wrong_pooling_index_fails_the_drift_check(reference, subset, real_fp32, monkeypatch):
     def pool_one_before_last(hidden, mask):
         idx = last_token_indices(mask) - 1
@@ -109,6 +113,7 @@ def test_drift_cli_writes_a_result_record_and_checks_the_gate(reference, tmp_pat
     assert np.isclose(record["quality"]["mean_cosine"], json.loads(r.stdout)["mean_cosine"])
 
 
+@pytest.mark.slow  # 26 s; the gate itself is checked fast by test_mode_drift_stays_within_its_gate
 def test_drift_cli_exits_1_when_the_gate_fails(tmp_path, real_model_dir, subset):
     # A "reference" made in int8: fp32 measured against it drifts past the fp32 gate.
     int8 = Embedder(load_model(RuntimeConfig(model=str(real_model_dir), quant="int8")))

@@ -354,6 +354,7 @@ def check_vectors(record: dict, table: dict) -> None:
     assert cos(got, want).min() >= 0.9999, record["key"]
 
 
+@pytest.mark.slow  # 27 s; mixed adapters over HTTP fast: test_adapters_load_and_unload_at_run_time_without_cross_talk
 def test_load_16_clients_mixing_adapters_tasks_and_lengths(start_server, tiny_model_dir, tiny_adapters, table):
     adapters = {"A": tiny_adapters["A"], "B": tiny_adapters["B"]}
     server = start_server("--model", tiny_model_dir, "--quant", "fp32", "--max-length", 512, "--adapter",

@@ -1,5 +1,5 @@
 """`encode` (texts in, a resumable .npy out), and the commands about this installation: `env`, `tasks`,
-`build-default-model`."""
+`build-default-model`, `build-full-size-model`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,21 @@ def cmd_build_default_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_full_size_model(args: argparse.Namespace) -> int:
+    from ..quality.full_size import build_e5_shaped_folder, default_folder
+
+    target = args.output or default_folder(args.tiny)
+    if (target / "model.safetensors.index.json").is_file():
+        log(f"{target} is already built")
+    else:
+        log(f"building {'a tiny' if args.tiny else 'the full-size'} E5-Mistral-shaped folder (random weights) in "
+            f"{target}")
+    t0 = time.perf_counter()
+    path = build_e5_shaped_folder(target, tiny=args.tiny, seed=args.seed, post_processor=args.post_processor)
+    print(json.dumps({"folder": str(path), "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     enc = sub.add_parser("encode", help="embed texts into a .npy, or a corpus with ids into Parquet shards (here or "
                          "on Ray)")
@@ -128,3 +143,12 @@ def add_environment_commands(sub: argparse._SubParsersAction) -> None:
                        "SmolLM2-135M, merge its E5-recipe adapter")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(func=cmd_build_default_model)
+    f = sub.add_parser("build-full-size-model", help="a folder shaped exactly like intfloat/e5-mistral-7b-instruct "
+                       "(its config, its real tokenizer, fp16 safetensors shards) with random weights, for measuring "
+                       "memory, bytes and time (extra [full-size])")
+    f.add_argument("--output", type=Path, help="the folder (default: e5-mistral-7b-random-v1 in the cache)")
+    f.add_argument("--tiny", action="store_true", help="2 layers, 64 wide, the real 32,000-token vocabulary")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--post-processor", choices=("bos", "bos+eos"), default="bos",
+                   help="the tokenizer's post-processor: the hub's (BOS only, default) or BOS + EOS")
+    f.set_defaults(func=cmd_build_full_size_model)
