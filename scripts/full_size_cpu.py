@@ -345,7 +345,9 @@ def main() -> None:
     record = json.loads(out.read_text()) if out.is_file() and not args.redo else {}
     if record.get("folder") != str(folder):
         record = {}
-    record.update({"folder": str(folder), "command": "python " + " ".join(sys.argv), "environment": environment(),
+    command = "python " + " ".join(["scripts/full_size_cpu.py", *sys.argv[1:]])
+    record["commands"] = [c for c in record.get("commands", []) if c != command] + [command]
+    record.update({"folder": str(folder), "environment": environment(),
                    "memory_reported": "peak RssAnon (anonymous memory, sampled every 10 ms); peak_rss_bytes is VmHWM "
                                       "(file pages of the mmapped safetensors included)"})
     steps = record.setdefault("steps", {})

@@ -11,7 +11,7 @@ import torch
 from ..errors import ModelSourceError
 from .checkpoints import read_checkpoint, verify_checkpoint
 from .config import GPTQ_MODES, RuntimeConfig
-from .memory import WeightBytes, weight_bytes
+from .memory import WeightBytes, release_freed_memory, weight_bytes
 from .quantization import TORCH_DTYPES, LoadPlan, load_plan
 from .sources import resolve_model_source
 
@@ -76,6 +76,7 @@ def load_model(config: RuntimeConfig) -> LoadedModel:
         apply_overrides(model, config.override_map(), device, plan.dtype, config.int8_threshold)
     keep_4bit_layout_stable(model)
     model.eval()
+    release_freed_memory()  # the full-precision tensors read before quantising are freed but kept by the allocator
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=source, device=device,
                        weight_bytes=weight_bytes(model))
 
