@@ -314,6 +314,32 @@ def dir_bytes(folder: Path, suffix: str = ".safetensors") -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(suffix))
 
 
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def tables(record: dict) -> str:
+    """The record as the markdown tables of docs/full-size.md."""
+    steps = record["steps"]
+    lines = ["| mode | weight bytes (planner, float32 parts) | quantise at load: s / peak anon GB | `quantize`: s / "
+             "peak anon GB / disk bytes | saved checkpoint load: s (x faster) / peak anon GB / peak RSS GB "
+             "(x weights) | vectors |", "|---|---|---|---|---|---|"]
+    for mode in MODES:
+        load, quant, reload = (steps.get(f"{k}:{mode}", {}) for k in ("load", "quantize", "reload"))
+        if "weight_bytes" not in load:
+            continue
+        same = "=" if load.get("bytes_equal_planner") and reload.get("bytes_equal_planner") else "!="
+        lines.append(
+            f"| {mode} | {load['weight_bytes']:,} ({same} planner) | {load['load_s']:.0f} / "
+            f"{gb(load['peak_anon_bytes'])} | {quant.get('quantise_s', float('nan')):.0f} / "
+            f"{gb(quant.get('peak_anon_bytes', 0))} / {quant.get('disk_bytes', 0):,} | "
+            f"{reload.get('load_s', float('nan')):.1f} ({load['load_s'] / reload.get('load_s', float('nan')):.0f}x) / "
+            f"{gb(reload.get('peak_anon_bytes', 0))} / {gb(reload.get('peak_rss_bytes', 0))} "
+            f"({reload.get('peak_rss_bytes', 0) / load['weight_bytes']:.2f}x) | "
+            f"{'bit-identical' if reload.get('vectors_bit_identical_to_quantise_at_load') else 'differ'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child")
@@ -330,6 +356,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--table", action="store_true", help="print the record's tables and stop")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child](**json.loads(args.child_args))), flush=True)
@@ -343,6 +370,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (ROOT / "calibration/results" / ("full_size_cpu_tiny.json" if args.tiny else "full_size_cpu.json"))
     record = json.loads(out.read_text()) if out.is_file() and not args.redo else {}
+    if args.table:
+        print(tables(record))
+        return
     if record.get("folder") != str(folder):
         record = {}
     command = "python " + " ".join(["scripts/full_size_cpu.py", *sys.argv[1:]])

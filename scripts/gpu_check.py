@@ -1,8 +1,9 @@
-"""Full-size check on a GPU: E5-Mistral-7B's architecture with random weights, built directly in each mode on the
-device (no download: bytes and FLOPs do not depend on the values), measured beside the planner's prediction.
+"""Full-size check on a GPU: the folder `lowmem-e5 build-full-size-model` makes (E5-Mistral-7B's config and real
+tokenizer, random fp16 weights: bytes and FLOPs do not depend on the values), loaded in each mode through the real
+`load_model` path as users load it, measured beside the planner's prediction.
 
     python scripts/gpu_check.py                      # on the GPU machine (scripts/gpu_check.sh wraps it)
-    python scripts/gpu_check.py --tiny --device cpu  # the same code on a 2-layer config, for CI
+    python scripts/gpu_check.py --tiny --device cpu  # the same code on the tiny folder, for CI
 
 Records per mode: exact weight bytes (and the planner's), peak memory for a 512-token and a 4096-token batch
 (and the planner's activation estimate), tokens/s at a few token budgets, and the query prefix cache's speedup
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lowmem_e5.jobs.atomic import write_json_atomic  # noqa: E402
-from lowmem_e5.quality.planner import activation_bytes_per_token, e5_mistral_config, meta_model, plan_weights  # noqa: E402
+from lowmem_e5.quality.planner import activation_bytes_per_token, meta_model, plan_weights  # noqa: E402
 from lowmem_e5.results import environment  # noqa: E402
 from lowmem_e5.runtime.memory import quantized_linear_count, weight_bytes  # noqa: E402
 from lowmem_e5.runtime.overrides import to_int8_linear  # noqa: E402
@@ -39,14 +40,6 @@ from lowmem_e5.runtime.prefix_cache import RowPrefixes, compute_prefix_state, re
 from lowmem_e5.runtime.tokenization import pad_rows  # noqa: E402
 
 MODES = [("fp16", False), ("int8", False), ("nf4", False), ("nf4", True)]
-
-
-def tiny_config():
-    from transformers import MistralConfig
-
-    return MistralConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         sliding_window=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 def to_4bit_linear(linear: torch.nn.Linear, quant_type: str, double_quant: bool, dtype, device) -> torch.nn.Module:
@@ -196,20 +189,7 @@ def prefix_cache_speedup(model, device: str, repeats: int, queries: int = 64, pr
             "cosine_min": float(rowwise_cosine(a.cpu().numpy(), b.cpu().numpy()).min())}
 
 
-def synthetic_tokenizer(vocab_size: int):
-    """A word-level tokenizer over the vocabulary ids (no hub here): token counts, not meaning, set the speed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
-
-
-def serve_throughput(model, config, quant: str, double_quant: bool, device: str, dtype_name: str, seconds: float,
-                     clients: int = 32) -> dict:
+def serve_throughput(loaded, config, seconds: float, clients: int = 32) -> dict:
     """The real server (scheduler + FastAPI app + uvicorn on 127.0.0.1) around this model, loaded by `clients`
     threads: texts/s for short queries (one per request) and documents (four of 200 words per request), with
     cross-request batching and one request at a time."""
@@ -219,14 +199,10 @@ def serve_throughput(model, config, quant: str, double_quant: bool, device: str,
     import httpx
     import uvicorn
 
-    from lowmem_e5 import Embedder, LoadedModel, RuntimeConfig
+    from lowmem_e5 import Embedder
     from lowmem_e5.serving.config import ServeConfig
     from lowmem_e5.serving.server import build_server
 
-    runtime = RuntimeConfig(model="random-weights", quant=quant, double_quant=double_quant, device=device,
-                            compute_dtype=dtype_name, max_length=512)
-    loaded = LoadedModel(model=model, tokenizer=synthetic_tokenizer(config.vocab_size), config=runtime,
-                         source="random weights", device=device, weight_bytes=weight_bytes(model))
     embedder = Embedder(loaded)
     rng = torch.Generator().manual_seed(0)
 
@@ -290,8 +266,21 @@ def main() -> None:
     ap.add_argument("--serve-clients", type=int, default=32)
     ap.add_argument("--gptq-layers", type=int, default=2, help="full-size decoder layers quantised with GPTQ (0: skip)")
     ap.add_argument("--gptq-group-size", type=int, default=128)
+    ap.add_argument("--folder", type=Path, help="an E5-Mistral-shaped folder (built there if missing; default: the "
+                    "cache's, as `lowmem-e5 build-full-size-model [--tiny]` makes it)")
+    ap.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer files from this folder instead of "
+                    "converting mistral-common's (a machine without it: gpu_wheels.sh carries them)")
     args = ap.parse_args()
-    config = tiny_config() if args.tiny else e5_mistral_config()
+    from transformers import AutoConfig
+
+    from lowmem_e5 import RuntimeConfig, load_model
+    from lowmem_e5.quality.full_size import build_e5_shaped_folder, default_folder
+
+    t0 = time.perf_counter()
+    folder = build_e5_shaped_folder(args.folder or default_folder(args.tiny), tiny=args.tiny,
+                                    tokenizer_from=args.tokenizer_from)
+    folder_s = time.perf_counter() - t0
+    config = AutoConfig.from_pretrained(str(folder))
     dtype = torch.float32 if args.device == "cpu" else torch.float16
     dtype_name = "float32" if args.device == "cpu" else "float16"
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -300,10 +289,12 @@ def main() -> None:
     for quant, dq in MODES:
         label = f"{quant}+dq" if dq else quant
         t0 = time.perf_counter()
-        model = build(config, quant, dq, args.device, dtype)
+        loaded = load_model(RuntimeConfig(model=str(folder), quant=quant, double_quant=dq, device=args.device,
+                                          max_length=4096))  # what users load: real tokenizer, transformers, bnb
+        model = loaded.model
         build_s = time.perf_counter() - t0
         planned = plan_weights(meta, quant, dq, dtype_name)
-        row = {"mode": label, "build_seconds": build_s, "weight_bytes": weight_bytes(model).total,
+        row = {"mode": label, "load_seconds": build_s, "weight_bytes": weight_bytes(model).total,
                "planned_weight_bytes": planned.total,
                "peak_activation_bytes": {}, "planned_activation_bytes": {}, "tokens_per_second": {}}
         for seq_len, batch_rows in ((512, 8), (4096, 1)):
@@ -314,11 +305,10 @@ def main() -> None:
             row["tokens_per_second"][str(budget)] = tokens_per_second(model, budget, 512, args.device, args.repeats)
         row["prefix_cache"] = prefix_cache_speedup(model, args.device, args.repeats)
         if label in args.serve_modes.split(","):
-            row["server"] = serve_throughput(model, config, quant, dq, args.device, dtype_name, args.serve_seconds,
-                                             args.serve_clients)
+            row["server"] = serve_throughput(loaded, config, args.serve_seconds, args.serve_clients)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del model
+        del model, loaded
         gc.collect()
         if args.device != "cpu":
             torch.cuda.empty_cache()
@@ -328,7 +318,8 @@ def main() -> None:
                                args.repeats)
         print(json.dumps({"gptq4": gptq}), flush=True)
     result = {"run": {"script": "scripts/gpu_check.py", "argv": sys.argv[1:], "config": "tiny" if args.tiny else
-                      "e5-mistral-7b (random weights)", "device": args.device},
+                      "e5-mistral-7b (random weights)", "device": args.device, "folder": str(folder),
+                      "folder_build_s": folder_s},
               "modes": rows, "gptq4": gptq, "environment": environment()}
     write_json_atomic(args.out, result)
     print("| mode | weight bytes (measured) | planned | peak 8x512 | peak 1x4096 | tokens/s @ budgets "

@@ -25,5 +25,13 @@ project = json.load(urllib.request.urlopen(index))
 sdist = next(u for u in project["releases"]["0.6.4"] if u["packagetype"] == "sdist")
 urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), ".whl/sdist/" + sdist["filename"])
 PY
+# E5-Mistral's real tokenizer, converted here (the GPU machine has neither mistral-common nor sentencepiece):
+# gpu_check.py builds the full-size folder there with --tokenizer-from .whl/e5-tokenizer
+rm -rf .whl/e5-tiny .whl/e5-tokenizer
+python3 -m lowmem_e5 build-full-size-model --tiny --output .whl/e5-tiny
+mkdir -p .whl/e5-tokenizer
+cp .whl/e5-tiny/tokenizer.model .whl/e5-tiny/tokenizer.json .whl/e5-tiny/tokenizer_config.json \
+  .whl/e5-tiny/special_tokens_map.json .whl/e5-tokenizer/
+rm -rf .whl/e5-tiny
 ls -la .whl .whl/sdist
 du -sb .whl  # carried with the working tree: under 64 MiB in all

@@ -16,7 +16,8 @@ def test_gpu_check_shell_script_parses():
 def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(tmp_path):
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--tiny", "--device", "cpu",
-                        "--budgets", "1024", "--repeats", "1", "--serve-seconds", "1", "--out", str(out)],
+                        "--budgets", "1024", "--repeats", "1", "--serve-seconds", "1", "--gptq-group-size", "32",
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())

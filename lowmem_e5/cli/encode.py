@@ -99,7 +99,8 @@ def cmd_build_full_size_model(args: argparse.Namespace) -> int:
         log(f"building {'a tiny' if args.tiny else 'the full-size'} E5-Mistral-shaped folder (random weights) in "
             f"{target}")
     t0 = time.perf_counter()
-    path = build_e5_shaped_folder(target, tiny=args.tiny, seed=args.seed, post_processor=args.post_processor)
+    path = build_e5_shaped_folder(target, tiny=args.tiny, seed=args.seed, post_processor=args.post_processor,
+                                  tokenizer_from=args.tokenizer_from)
     print(json.dumps({"folder": str(path), "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
@@ -151,4 +152,6 @@ def add_environment_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--post-processor", choices=("bos", "bos+eos"), default="bos",
                    help="the tokenizer's post-processor: the hub's (BOS only, default) or BOS + EOS")
+    f.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer files of an earlier folder instead of "
+                   "converting mistral-common's (where mistral-common and sentencepiece are not installed)")
     f.set_defaults(func=cmd_build_full_size_model)

@@ -175,10 +175,15 @@ def write_config(folder: Path, config) -> None:
     config.save_pretrained(str(folder))
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def build_e5_shaped_folder(target: Path | None = None, tiny: bool = False, seed: int = 0,
                            post_processor: PostProcessor = "bos", shard_bytes: int = SHARD_BYTES,
-                           progress: bool = True) -> Path:
-    """Build the folder (atomically: a temporary sibling, renamed); an existing complete one is returned as it is."""
+                           progress: bool = True, tokenizer_from: Path | None = None) -> Path:
+    """Build the folder (atomically: a temporary sibling, renamed); an existing complete one is returned as it is.
+    tokenizer_from: copy the tokenizer files of an earlier folder instead of converting mistral-common's (for a
+    machine without mistral-common and sentencepiece, such as the offline GPU machine)."""
     target = Path(target) if target is not None else default_folder(tiny)
     if (target / "model.safetensors.index.json").is_file():
         return target
@@ -188,12 +193,20 @@ def build_e5_shaped_folder(target: Path | None = None, tiny: bool = False, seed:
     free = shutil.disk_usage(target.parent).free
     if free < need * 1.05:
         raise LowmemError(f"{target.parent} has {free:,} bytes free; the folder needs {need:,} (fp16 weights)")
-    tokenizer_model_file()  # fail before writing gigabytes
+    if tokenizer_from is None:
+        tokenizer_model_file()  # fail before writing gigabytes
+    elif missing := [f for f in TOKENIZER_FILES if not (Path(tokenizer_from) / f).is_file()]:
+        raise LowmemError(f"tokenizer folder {str(tokenizer_from)!r} lacks {', '.join(missing)}; expected a folder "
+                          "made by build-full-size-model")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
         write_config(out, config)
-        write_tokenizer(out, post_processor)
+        if tokenizer_from is None:
+            write_tokenizer(out, post_processor)
+        else:
+            for name in TOKENIZER_FILES:
+                shutil.copyfile(Path(tokenizer_from) / name, out / name)
         write_weights(out, config, seed=seed, shard_bytes=shard_bytes, progress=progress)
         (out / "SOURCE.txt").write_text(
             "Shaped like intfloat/e5-mistral-7b-instruct: its config, Mistral-7B-v0.1's tokenizer (mistral-common "
