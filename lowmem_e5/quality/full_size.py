@@ -31,7 +31,7 @@ FULL_SIZE_EXTRA = "pip install 'lowmem-e5[full-size]'"
 TOKENIZER_MEMBER = "data/tokenizer.model.v1"  # inside the mistral_common package
 TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 FOLDER_VERSION = 1
-SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default; E5's hub folder has 2 shards of 10 GB and 4.2 GB
+SHARD_BYTES = 5 * 10**9  # at most one shard is in memory while building
 INIT_STD = 0.02
 
 # E5-Mistral's tokenizer_config.json (the fields that change behaviour): BOS and EOS asked for, pad = EOS.
@@ -108,7 +108,6 @@ def write_tokenizer(folder: Path, post_processor: PostProcessor = "bos") -> None
     fast.backend_tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(E5_TOKENIZER_CONFIG, indent=2) + "\n")
 
 
 def tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
