@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -13,17 +15,24 @@ def test_gpu_check_shell_script_parses():
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts/gpu_check.sh")]).returncode == 0
 
 
-def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(tmp_path):
+def run_gpu_check(tmp_path, gptq_layers: int) -> dict:
     out = tmp_path / "gpu_check.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--tiny", "--device", "cpu",
-                        "--budgets", "1024", "--repeats", "1", "--serve-seconds", "1", "--gptq-group-size", "32",
+                        "--folder", str(tmp_path / "e5-tiny"), "--budgets", "1024", "--repeats", "1",
+                        "--serve-seconds", "1", "--serve-clients", "4", "--gptq-layers", str(gptq_layers),
+                        "--gptq-group-size", "32",
                         "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_check_measures_every_mode_on_the_tiny_folder_with_the_planner_exact(tmp_path):
+    result = run_gpu_check(tmp_path, gptq_layers=0)
+    assert result["run"]["folder"] == str(tmp_path / "e5-tiny") and result["gptq4"] is None
     assert [m["mode"] for m in result["modes"]] == ["fp16", "int8", "nf4", "nf4+dq"]
     for m in result["modes"]:
-        if m["mode"] != "fp16":  # on CPU the "fp16" build computes in fp32, so the planner's 16-bit bytes differ
+        if m["mode"] != "fp16":  # the planner is asked for the CPU's float32 unquantised parts; fp16 keeps 16-bit
             assert m["weight_bytes"] == m["planned_weight_bytes"], m
         assert m["tokens_per_second"]["1024"] > 0
         assert m["prefix_cache"]["cosine_min"] >= 0.999 and m["prefix_cache"]["speedup"] > 0
@@ -31,7 +40,10 @@ def test_gpu_check_measures_every_mode_on_a_tiny_config_with_the_planner_exact(t
     for label in ("batched", "one_at_a_time"):
         assert server[label]["queries_texts_per_s"] > 0 and server[label]["documents_texts_per_s"] > 0
 
-    gptq = result["gptq4"]  # GPTQ layers of the config's shapes beside nf4 on the same layers
+
+@pytest.mark.slow  # GPTQ's calibration pass; gptq4's fast test is test_gptq.py's quantise-at-load
+def test_gpu_check_quantises_full_size_layers_with_gptq_beside_nf4(tmp_path):
+    gptq = run_gpu_check(tmp_path, gptq_layers=2)["gptq4"]  # GPTQ layers of the config's shapes beside nf4
     if importlib.util.find_spec("gptqmodel") is None:
         assert "error" in gptq
         return
