@@ -135,3 +135,31 @@ def write_corpus(folder: Path, shards: int, rows: int, fmt: str = "jsonl", id_pr
         else:
             (folder / f"part-{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return corpus
+
+
+@pytest.fixture
+def cli_main(capsys):
+    """`lowmem-e5 ARGS` in this process (no interpreter start-up): returns (exit status, stdout, stderr). The CLI's
+    terminal settings (root log handler, warning filters, environment defaults) are put back afterwards."""
+    import logging
+    import os
+    import warnings
+
+    from lowmem_e5.cli.main import main
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, dict(os.environ), logging.getLogger("torch").level)
+
+    def run(*argv) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    yield run
+    root.handlers[:], _, env, torch_level = saved
+    root.setLevel(saved[1])
+    logging.getLogger("torch").setLevel(torch_level)
+    os.environ.clear()
+    os.environ.update(env)

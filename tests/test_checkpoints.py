@@ -2,9 +2,6 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -98,18 +95,15 @@ def test_quantize_never_leaves_a_half_folder(tmp_path, tiny_model_dir, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_quantize_command(tmp_path, tiny_model_dir):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "lowmem_e5", "quantize", "--model", str(tiny_model_dir), "--quant", "nf4",
-            "--output", str(tmp_path / "ck")]
-    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+def test_quantize_command(tmp_path, tiny_model_dir, cli_main):
+    args = ["quantize", "--model", tiny_model_dir, "--quant", "nf4", "--output", tmp_path / "ck"]
+    rc, out, err = cli_main(*args)
+    assert rc == 0, err
+    summary = json.loads(out)
     record = json.loads((tmp_path / "ck" / CHECKPOINT_FILE).read_text())
     assert summary["weight_bytes"] == record["weight_bytes"]["total"] and summary["disk_bytes"] > 0
     assert record["quantization"] == {"quant": "nf4", "double_quant": False, "group_size": 128}
-    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 2 and "exists; expected a new folder name" in again.stderr
-    fp32 = subprocess.run(args[:-4] + ["--quant", "fp32", "--output", str(tmp_path / "x")], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert fp32.returncode == 2 and "--quant fp32 is not a quantised mode" in fp32.stderr
+    rc, out, err = cli_main(*args)
+    assert rc == 2 and "exists; expected a new folder name" in err
+    rc, out, err = cli_main(*args[:-4], "--quant", "fp32", "--output", tmp_path / "x")
+    assert rc == 2 and "--quant fp32 is not a quantised mode" in err

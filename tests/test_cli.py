@@ -163,34 +163,35 @@ def test_python_dash_m_and_console_script_agree():
     assert r.returncode == 0 and "MSMARCO\tGiven a web search query" in r.stdout
 
 
-def test_quality_commands_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
-    """reference -> drift -> scan -> compare -> repair -> plan, as a user chains them."""
+def test_quality_commands_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, cli_main):
+    """reference -> drift -> scan -> compare -> repair -> plan, as a user chains them (in this process: the commands'
+    own subprocess behaviour is tested above)."""
     ref = tmp_path / "ref.safetensors"
     common = ["--model", tiny_model_dir]
-    r = cli("reference", *common, "--max-length", "256", "--output", ref)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["rows"] == 132 and json.loads(r.stdout)["mode"] == "fp32"
+    rc, out, err = cli_main("reference", *common, "--max-length", "256", "--output", ref)
+    assert rc == 0, err
+    assert json.loads(out)["rows"] == 132 and json.loads(out)["mode"] == "fp32"
     scan = tmp_path / "scan.json"
-    r = cli("scan", *common, "--max-chars", "200", "--fractions", "0.5", "--output", scan)
-    assert r.returncode == 0, r.stderr
+    rc, out, err = cli_main("scan", *common, "--max-chars", "200", "--fractions", "0.5", "--output", scan)
+    assert rc == 0, err
     assert len(json.loads(scan.read_text())["modules"]) == 14
-    out = tmp_path / "grid"
-    r = cli("compare", *common, "--reference", ref, "--max-chars", "200", "--modes", "fp32,nf4", "--scan", scan,
-            "--out-dir", out)
-    assert r.returncode == 0, r.stderr
+    grid = tmp_path / "grid"
+    rc, out, err = cli_main("compare", *common, "--reference", ref, "--max-chars", "200", "--modes", "fp32,nf4",
+                            "--scan", scan, "--out-dir", grid)
+    assert rc == 0, err
     assert {"fp32.json", "nf4.json", "nf4-emb-int8.json", "nf4-int8-50-emb-int8.json", "table.md",
-            "memory_vs_drift.png"} <= {p.name for p in out.iterdir()}
-    r = cli("compare", *common, "--reference", ref, "--modes", "fp32,int3", "--out-dir", out)
-    assert r.returncode == 2 and "--modes has unknown ['int3']" in r.stderr
-    r = cli("repair", *common, "--quant", "nf4", "--reference", ref, "--max-chars", "200", "--epochs", "2",
-            "--lr", "2e-3", "--output", tmp_path / "repair", "--quiet")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+            "memory_vs_drift.png"} <= {p.name for p in grid.iterdir()}
+    rc, out, err = cli_main("compare", *common, "--reference", ref, "--modes", "fp32,int3", "--out-dir", grid)
+    assert rc == 2 and "--modes has unknown ['int3']" in err
+    rc, out, err = cli_main("repair", *common, "--quant", "nf4", "--reference", ref, "--max-chars", "200", "--epochs",
+                            "2", "--lr", "2e-3", "--output", tmp_path / "repair", "--quiet")
+    assert rc == 0, err
+    summary = json.loads(out)
     assert summary["adapter_bytes"] > 0 and (tmp_path / "repair" / "adapter_model.safetensors").is_file()
-    r = cli("plan", "--vram", "8GiB")
-    assert r.returncode == 0 and "| nf4 | 4,188,559,360 |" in r.stdout and "on 8GiB" in r.stdout
-    r = cli("plan", "--vram", "eight")
-    assert r.returncode == 2 and "size 'eight' is not valid" in r.stderr
+    rc, out, err = cli_main("plan", "--vram", "8GiB")
+    assert rc == 0 and "| nf4 | 4,188,559,360 |" in out and "on 8GiB" in out
+    rc, out, err = cli_main("plan", "--vram", "eight")
+    assert rc == 2 and "size 'eight' is not valid" in err
 
 
 def test_bitsandbytes_notice_about_the_kernels_package_is_not_shown():

@@ -1,9 +1,6 @@
 """A corpus with ids into Parquet shards on one machine: ids, the manifest, resume, refusals and bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -130,26 +127,23 @@ def test_bad_parquet_columns(tmp_path):
         open_corpus((tmp_path / "empty").mkdir() or tmp_path / "empty")
 
 
-def test_cli_writes_parquet_and_resumes(tmp_path, tiny_model_dir):
+def test_cli_writes_parquet_and_resumes(tmp_path, tiny_model_dir, cli_main):
     texts = write_corpus(tmp_path / "in", shards=2, rows=3, fmt="parquet", id_prefix=None)
-    args = [sys.executable, "-m", "lowmem_e5", "encode", "--input", tmp_path / "in", "--output", tmp_path / "out",
-            "--model", tiny_model_dir, "--quant", "fp32", "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env, timeout=300)
-    assert first.returncode == 0, first.stderr
-    summary = json.loads(first.stdout)
+    args = ["encode", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", tiny_model_dir, "--quant",
+            "fp32", "--quiet"]
+    rc, out, err = cli_main(*args)
+    assert rc == 0, err
+    summary = json.loads(out)
     assert summary["rows"] == 6 and summary["shards_skipped"] == 0 and summary["tokens_per_s"] > 0
     assert sorted(read_vectors(tmp_path / "out")[0]) == sorted(texts)
-    second = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 0 and json.loads(second.stdout)["shards_skipped"] == 2
-    other = subprocess.run(list(map(str, args + ["--quant", "nf4"])), capture_output=True, text=True, env=env,
-                           timeout=300)
-    assert other.returncode == 2
-    assert "holds vectors made with other settings: config.quant ('fp32' -> 'nf4')" in other.stderr
-    assert "Traceback" not in other.stderr
-    npy = subprocess.run(list(map(str, args[:7] + [tmp_path / "x.npy", "--id-field", "id"])), capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert npy.returncode == 2 and "--id-field writes Parquet shards with ids" in npy.stderr
+    rc, out, err = cli_main(*args)
+    assert rc == 0 and json.loads(out)["shards_skipped"] == 2
+    rc, out, err = cli_main(*args, "--quant", "nf4")
+    assert rc == 2
+    assert "holds vectors made with other settings: config.quant ('fp32' -> 'nf4')" in err
+    assert "Traceback" not in err
+    rc, out, err = cli_main(*args[:4], tmp_path / "x.npy", "--id-field", "id")
+    assert rc == 2 and "--id-field writes Parquet shards with ids" in err
 
 
 def test_a_too_long_text_is_named_by_its_shard_and_line(tmp_path, tiny_model_dir):

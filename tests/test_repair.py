@@ -1,9 +1,6 @@
 """Drift repair: a LoRA trained on the quantised base towards the full-precision reference."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -41,15 +38,13 @@ def test_repair_config_is_checked():
         RepairConfig(loss="l1")
 
 
-def test_encode_cli_applies_an_adapter(tmp_path, tiny_model_dir, tiny_adapters):
+def test_encode_cli_applies_an_adapter(tmp_path, tiny_model_dir, tiny_adapters, cli_main):
     def run(*extra):
         out = tmp_path / f"out{len(extra)}.npy"
-        r = subprocess.run([sys.executable, "-m", "lowmem_e5", "encode", "--input", str(DATA / "sample_docs.txt"),
-                            "--output", str(out), "--model", str(tiny_model_dir), "--quant", "nf4", "--quiet",
-                            *map(str, extra)], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        assert r.returncode == 0, r.stderr
-        return np.load(out), r.stderr
+        rc, _, err = cli_main("encode", "--input", DATA / "sample_docs.txt", "--output", out, "--model",
+                              tiny_model_dir, "--quant", "nf4", "--quiet", *extra)
+        assert rc == 0, err
+        return np.load(out), err
 
     base, _ = run()
     adapted, log = run("--adapter", tiny_adapters["A"])
