@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 from lowmem_e5 import Embedder, RuntimeConfig, load_model  # noqa: E402
 from lowmem_e5.jobs.atomic import write_json_atomic  # noqa: E402
 from lowmem_e5.quality.beir import load_beir, suggested_instruction  # noqa: E402
-from lowmem_e5.quality.retrieval_metrics import exact_search, per_query_scores, run_from_search, summarize  # noqa: E402
+from lowmem_e5.quality.retrieval_metrics import per_query_scores, run_from_search, summarize  # noqa: E402
+from lowmem_e5.quality.vector_search import exact_search  # noqa: E402
 from lowmem_e5.results import environment  # noqa: E402
 from lowmem_e5.runtime.tokenization import TokenizedTexts  # noqa: E402
 

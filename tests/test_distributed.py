@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed: pip install 'lowmem-e5[ray]'")
@@ -22,6 +23,7 @@ from lowmem_e5.jobs.manifest import MANIFEST, Manifest  # noqa: E402
 from lowmem_e5.jobs.vector_shards import read_vectors  # noqa: E402
 from lowmem_e5.runtime.encoder import Embedder  # noqa: E402
 from lowmem_e5.runtime.loading import load_model  # noqa: E402
+from lowmem_e5.runtime.vector_formats import VectorCalibration, index_identity, quantize  # noqa: E402
 
 from .conftest import write_corpus  # noqa: E402
 
@@ -38,7 +40,8 @@ def ray_auth_off(monkeypatch):
 
 def on_ray(corpus_dir, out, config, settings=EmbedSettings(), **kw):
     corpus = open_corpus(corpus_dir)
-    manifest = Manifest(out, job_identity(config, config.model, corpus, settings), corpus)
+    manifest = Manifest(out, job_identity(config, config.model, corpus, settings), corpus,
+                        vectors=settings.vectors_entry())
     return run_corpus_on_ray(corpus, manifest, config, settings, local_cpus=2, log=lambda m: None, **kw)
 
 
@@ -53,9 +56,11 @@ def assert_same_vectors(out, texts: dict, embedder: Embedder, min_cos: float):
 # fp32 is `slow` (17 s): nf4 keeps the Ray path's fast test, and fp32 has its own everywhere else
 @pytest.mark.parametrize("quant", [pytest.param("fp32", marks=pytest.mark.slow), "nf4"])
 def test_two_workers_give_the_single_process_vectors(tmp_path, tiny_model_dir, quant):
+    """nf4 (the fast one) stores float16 codes: the workers write the job's vector format."""
     texts = write_corpus(tmp_path / "in", shards=4, rows=9)
     config = RuntimeConfig(model=str(tiny_model_dir), quant=quant, max_length=512)
-    summary = on_ray(tmp_path / "in", tmp_path / "out", config, workers=2, batch_size=4)
+    settings = EmbedSettings(vectors="float16" if quant == "nf4" else "float32")
+    summary = on_ray(tmp_path / "in", tmp_path / "out", config, settings, workers=2, batch_size=4)
     assert summary.rows == 36 and summary.shards == 4 and summary.retries == 0 and summary.real_tokens > 0
     # Ray Data starts both actors but may finish a small job before the second has loaded its model (seen in CI
     # under CPU contention: one load reported), so the loads reported are one per worker that finished loading
@@ -65,6 +70,24 @@ def test_two_workers_give_the_single_process_vectors(tmp_path, tiny_model_dir, q
     assert_same_vectors(tmp_path / "out", texts, Embedder(load_model(config)), 0.9999)
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert all(e["done"] for e in manifest["shards"].values())
+    assert read_vectors(tmp_path / "out")[1].dtype == (np.float16 if quant == "nf4" else np.float32)
+
+
+@pytest.mark.slow  # 15 s; the Ray path's fast test writes float16 codes, the int8 codes' fast tests run here
+def test_ray_workers_write_the_int8_codes_of_the_jobs_calibration(tmp_path, tiny_model_dir):
+    texts = write_corpus(tmp_path / "in", shards=2, rows=6)
+    config = RuntimeConfig(model=str(tiny_model_dir), quant="fp32", max_length=512)
+    embedder = Embedder(load_model(config))
+    floats, _ = embedder.encode(list(texts.values()))
+    calibration = VectorCalibration.from_vectors(floats, index_identity(str(tiny_model_dir), config))
+    settings = EmbedSettings(vectors="int8", calibration=calibration.to_dict())
+    on_ray(tmp_path / "in", tmp_path / "out", config, settings, workers=1, batch_size=4)
+    ids, codes, _ = read_vectors(tmp_path / "out")
+    expected = quantize(floats, "int8", calibration)[[list(texts).index(i) for i in ids]]
+    assert codes.dtype == np.int8 and np.abs(codes.astype(int) - expected).max() <= 1  # one step: float rounding
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["vectors"]["format"] == "int8" and manifest["vectors"]["calibration"] == calibration.to_dict()
+    assert manifest["identity"]["calibration"] == calibration.sha256
 
 
 def ray_worker_pids() -> list[int]:

@@ -12,12 +12,8 @@ import pytest
 from lowmem_e5 import RuntimeConfig
 from lowmem_e5.quality.beir import BeirError, load_beir
 from lowmem_e5.quality.retrieval import DocumentCache, add_retention, retrieval_run
-from lowmem_e5.quality.retrieval_metrics import (
-    exact_search,
-    paired_bootstrap_retention,
-    per_query_scores,
-    run_from_search,
-)
+from lowmem_e5.quality.retrieval_metrics import paired_bootstrap_retention, per_query_scores, run_from_search
+from lowmem_e5.quality.vector_search import exact_search
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ROOT / "calibration/labelled_v1/packages"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import LowmemError
 from .shared import add_runtime_args, log, runtime_config
+from .vectors import add_encode_vector_args, check_ranges, vector_settings
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -32,6 +33,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         resolve_instruction(args.task, args.instruction)  # unknown task: fail before loading anything
     output = check_output_path(args.output)
     inputs = read_texts(args.input, field=args.field)
+    fmt, calibration = vector_settings(args)
     log(f"loading {config.model} as {config.quant} ...")
     t0 = time.perf_counter()
     loaded = load_model(config)
@@ -41,6 +43,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         log(f"adapter {args.adapter}: rank {info.rank}, {info.bytes:,} bytes")
     log(f"loaded {loaded.source} as {config.quant} on {loaded.device}: "
         f"{loaded.weight_bytes.total:,} weight bytes ({time.perf_counter() - t0:.1f} s)")
+    check_ranges(args, calibration, loaded.source, config, args.adapter.resolve() if args.adapter else None)
     try:  # tokenise everything first, so a too-long text is named by its line before any work
         tokenized = embedder.tokenize(inputs.texts, query=query, task=args.task, instruction=args.instruction)
     except TextTooLongError as exc:
@@ -50,13 +53,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
         log(f"{len(tokenized.truncated)} of {len(inputs.texts)} texts exceed max_length={config.max_length} "
             f"and are truncated (first: {inputs.where(tokenized.truncated[0])})")
     spec = JobSpec(texts=inputs.texts, output=output, query=query, task=args.task, instruction=args.instruction,
-                   chunk_size=args.chunk_size, adapter=str(args.adapter.resolve()) if args.adapter else None)
+                   chunk_size=args.chunk_size, adapter=str(args.adapter.resolve()) if args.adapter else None,
+                   vectors=str(fmt), calibration=calibration)
     t1 = time.perf_counter()
     result = run_job(spec, embedder, restart=args.restart, progress=not args.quiet)
     elapsed = time.perf_counter() - t1
     s = result.stats
     summary = {
-        "output": str(result.output), "shape": list(result.shape), "quant": config.quant,
+        "output": str(result.output), "shape": list(result.shape), "vectors": str(fmt), "quant": config.quant,
         "weight_bytes": loaded.weight_bytes.total, "truncated": s.n_truncated, "real_tokens": s.real_tokens,
         "padded_tokens": s.padded_tokens, "batches": s.n_batches, "oom_retries": s.oom_retries,
         "chunks": result.chunks_total, "chunks_resumed": result.chunks_resumed, "seconds": round(elapsed, 3),
@@ -133,6 +137,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default: the cluster's "
                      "CPUs less one, shared among the workers)")
     ray.add_argument("--batch-size", type=int, default=64, help="texts sent to a worker at a time (default 64)")
+    add_encode_vector_args(enc)
     add_runtime_args(enc)
     enc.set_defaults(func=cmd_encode)
 

@@ -8,6 +8,7 @@ import time
 
 from ..errors import LowmemError
 from .shared import log, runtime_config
+from .vectors import check_ranges, vector_settings
 
 
 def parse_gpus_per_worker(text: str) -> float | str:
@@ -44,6 +45,7 @@ def cmd_encode_corpus(args: argparse.Namespace) -> int:
     from ..jobs.corpus_job import EmbedSettings, job_identity, run_corpus_local
     from ..jobs.manifest import Manifest
     from ..runtime.encoder import resolve_instruction
+    from ..runtime.fingerprint import model_fingerprint
     from ..runtime.sources import resolve_model_source
 
     config = runtime_config(args)
@@ -64,11 +66,20 @@ def cmd_encode_corpus(args: argparse.Namespace) -> int:
     corpus = open_corpus(args.input, args.field, args.id_field)
     log(f"{args.input}: {corpus.rows:,} rows in {len(corpus.shards)} shard(s), ids from "
         f"{repr(corpus.id_field) if corpus.id_field else 'row positions'}")
-    settings = EmbedSettings(query=query, task=args.task, instruction=args.instruction,
-                             adapter=str(args.adapter.resolve()) if args.adapter else None)
     source, _ = resolve_model_source(config.model)
+    adapter = args.adapter.resolve() if args.adapter else None
+    fmt, calibration = vector_settings(args)
+    try:
+        model_fingerprint(source)
+    except (OSError, ValueError):  # a hub model not on this (driver) machine: its workers fetch it, unchecked here
+        pass
+    else:
+        check_ranges(args, calibration, source, config, adapter)
+    settings = EmbedSettings(query=query, task=args.task, instruction=args.instruction,
+                             adapter=str(adapter) if adapter else None, vectors=str(fmt),
+                             calibration=calibration.to_dict() if calibration is not None else None)
     manifest = Manifest(args.output, job_identity(config, source, corpus, settings), corpus, restart=args.restart,
-                        log=log)
+                        log=log, vectors=settings.vectors_entry())
     pending = manifest.pending()
     log(f"{len(pending)} of {len(corpus.shards)} shard(s) to embed into {args.output}")
     if args.ray:
@@ -90,5 +101,5 @@ def cmd_encode_corpus(args: argparse.Namespace) -> int:
         log(f"loaded {embedder.loaded.source} as {config.quant} ({time.perf_counter() - t0:.1f} s)")
         summary = run_corpus_local(corpus, manifest, embedder, settings, progress=not args.quiet,
                                    on_shard_done=lambda s: log(f"shard {s.name} done ({s.rows} rows)"))
-    print(json.dumps({"quant": config.quant, **summary.to_dict()}))
+    print(json.dumps({"quant": config.quant, "vectors": str(fmt), **summary.to_dict()}))
     return 0

@@ -10,14 +10,14 @@ import sys
 from .. import __version__
 from ..errors import LowmemError
 from ..terminal import configure_cli_output
-from . import encode, finetune, plan, quality, quantize, retrieval, serve
+from . import encode, finetune, plan, quality, quantize, retrieval, serve, vectors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowmem-e5", description="E5-Mistral embeddings in 8-bit or 4-bit.")
     parser.add_argument("--version", action="version", version=f"lowmem-e5 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_commands in (encode.add_commands, quality.add_commands, retrieval.add_commands,
+    for add_commands in (encode.add_commands, vectors.add_commands, quality.add_commands, retrieval.add_commands,
                          finetune.add_commands, plan.add_commands, quantize.add_commands, serve.add_commands,
                          encode.add_environment_commands):
         add_commands(sub)

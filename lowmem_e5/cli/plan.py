@@ -53,9 +53,11 @@ def print_replicas(args: argparse.Namespace, config) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..quality.planner import GIB, card_sizes, format_plan, plan_table
+    from ..quality.planner import GIB, card_sizes, format_index, format_plan, index_table, plan_table
 
     config = model_config(args.model_config)
+    if args.docs is not None and args.docs < 1:
+        raise LowmemError(f"--docs {args.docs} is not valid; expected a number of documents >= 1")
     if args.replicas:
         return print_replicas(args, config)
     cards = card_sizes()
@@ -65,10 +67,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if extra is not None:
         for row in rows:
             row["vram"] = {"bytes": extra, "max_token_budget": row["max_token_budget"].pop("vram")}
+    index = index_table(config, args.docs, rows) if args.docs else None
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"modes": rows, "index": index} if index else rows, indent=2))
         return 0
     print(format_plan(rows, list(cards)))
+    if index:
+        print()
+        print(format_index(index, args.docs, tuple(m for m in ("fp16", "int8", "nf4") if m in index[0]["with_weights"])))
     if extra is not None:
         print(f"\non {args.vram} ({extra / GIB:.2f} GiB):")
         for row in rows:
@@ -88,5 +94,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--replicas", metavar="SIZES", help="instead: how many replicas (one process each, as Ray workers) "
                     "fit GPUs of these sizes, e.g. 24GiB,48GiB,80GiB")
     pl.add_argument("--token-budget", type=int, default=16384, help="with --replicas: padded tokens per batch")
+    pl.add_argument("--docs", type=int, help="also the index of this many documents per stored vector format "
+                    "(float32 ... binary), beside the weights")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)

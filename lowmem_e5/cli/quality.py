@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import LowmemError
 from ..runtime.config import RuntimeConfig
+from .retrieval import add_vector_args
 from .shared import add_runtime_args, log, runtime_config
 
 
@@ -118,7 +119,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         default_grid,
         markdown_table,
         plan_entries,
+        index_memory_table,
         plot,
+        plot_index_memory,
         plot_retention,
         run_grid,
     )
@@ -126,14 +129,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = runtime_config(args)
     reference, cset = _reference_and_rows(args, config)
     retrieval = None
+    if args.vectors and not args.beir:
+        raise LowmemError("--vectors measures vector formats by retrieval: add --beir FOLDER")
     if args.beir:
         from ..quality.beir import load_beir
         from ..quality.retrieval import DocumentCache
-        from .retrieval import query_instruction
+        from .retrieval import parse_vector_rows, query_instruction
 
+        rows = parse_vector_rows(args)
         query_instruction(args)
         retrieval = RetrievalSpec(load_beir(args.beir, args.beir_split), task=args.task, instruction=args.instruction,
-                                  cache=DocumentCache(args.cache_dir))
+                                  cache=DocumentCache(args.cache_dir), vectors=tuple(rows))
     if args.modes:
         wanted = args.modes.split(",")
         unknown = [m for m in wanted if m not in {e.label for e in BASE_GRID}]
@@ -154,9 +160,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
          f"{Path(reference.source).name}: memory against drift ({cset.version}, {args.split}, "
          f"{len(cset.rows)} texts)")
     if retrieval is not None:
+        where = (f"({retrieval.split.root.name}, {retrieval.split.split}, {len(retrieval.split.query_ids)} queries, "
+                 f"{len(retrieval.split.doc_ids)} documents)")
         plot_retention(retrieval_records, args.out_dir / "memory_vs_retrieval.png",
-                       f"{Path(reference.source).name}: memory against nDCG@10 retention ({retrieval.split.root.name}, "
-                       f"{retrieval.split.split}, {len(retrieval.split.query_ids)} queries)")
+                       f"{Path(reference.source).name}: memory against nDCG@10 retention {where}")
+        if args.vectors:
+            index_table = index_memory_table(retrieval_records)
+            write_bytes_atomic(args.out_dir / "index_memory.md", (index_table + "\n").encode())
+            plot_index_memory(retrieval_records, args.out_dir / "index_memory.png",
+                              f"{Path(reference.source).name}: weights x vector formats {where}")
+            table += "\n\n" + index_table
     print(table)
     return 0
 
@@ -230,6 +243,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--task", help="query instruction of the BEIR queries by task name")
     cp.add_argument("--instruction", help="query instruction of the BEIR queries as free text")
     cp.add_argument("--cache-dir", type=Path, help="document embeddings cache (see `retrieval`)")
+    add_vector_args(cp)
     add_runtime_args(cp)
     cp.set_defaults(func=cmd_compare)
 

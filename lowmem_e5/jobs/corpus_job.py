@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..errors import InputError, TextTooLongError
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder, EncodeStats
 from ..runtime.fingerprint import model_fingerprint
+from ..runtime.vector_formats import VectorCalibration, VectorFormat, quantize
 from .corpus import Corpus
 from .manifest import Manifest
 from .vector_shards import shard_dir, vector_table, write_table_atomic
@@ -27,10 +30,37 @@ class EmbedSettings:
     task: str | None = None
     instruction: str | None = None
     adapter: str | None = None  # folder of a LoRA adapter, applied to every row
+    vectors: str = "float32"  # the stored format (runtime.vector_formats), e.g. "int8" or "binary:centred"
+    calibration: dict | None = None  # VectorCalibration.to_dict() where the format needs one
+
+    def __post_init__(self) -> None:
+        fmt = VectorFormat.parse(self.vectors)
+        if fmt.needs_calibration and self.calibration is None:
+            quantize(np.zeros((2, 1), np.float32), fmt)  # raises the error that says how to make one
 
     def encode(self, embedder: Embedder, texts: list[str], on_batch=None):
         return embedder.encode(texts, query=self.query, task=self.task, instruction=self.instruction,
                                adapter="job" if self.adapter else None, on_batch=on_batch)
+
+    @cached_property
+    def _calibration(self) -> VectorCalibration | None:
+        return VectorCalibration.from_dict(self.calibration) if self.calibration else None
+
+    def store(self, vectors: np.ndarray) -> np.ndarray:
+        """Float vectors as the codes this job writes."""
+        return quantize(vectors, VectorFormat.parse(self.vectors), self._calibration)
+
+    def identity(self) -> dict:
+        """The settings as a job's identity holds them: the calibration by its sha256."""
+        d = asdict(self)
+        if self.calibration is not None:
+            d["calibration"] = VectorCalibration.from_dict(self.calibration).sha256
+        return d
+
+    def vectors_entry(self) -> dict:
+        """What a reader of the output needs besides the codes: the format and the calibration in full."""
+        fmt = VectorFormat.parse(self.vectors)
+        return {"format": fmt.name, "centred": fmt.centred, "calibration": self.calibration}
 
     def prepare(self, embedder: Embedder) -> None:
         if self.adapter:
@@ -53,7 +83,7 @@ def job_identity(config: RuntimeConfig, model_source: str, corpus: Corpus, setti
     except (OSError, ValueError):  # a hub model not downloaded on this (driver) machine: its id stands for it
         fingerprint = {"hub_id": model_source}
     return {"config": config_identity(config), "model_fingerprint": fingerprint, "text_field": corpus.text_field,
-            "id_field": corpus.id_field, "id_type": corpus.id_type, **asdict(settings)}
+            "id_field": corpus.id_field, "id_type": corpus.id_type, **settings.identity()}
 
 
 @dataclass
@@ -99,7 +129,7 @@ def run_corpus_local(corpus: Corpus, manifest: Manifest, embedder: Embedder, set
                                  f"{exc.max_length} (--no-truncate is set)") from None
             stats.merge(s)
             write_table_atomic(shard_dir(manifest.staging, shard.name) / "part-0.parquet",
-                               vector_table(rows.ids, vectors))
+                               vector_table(rows.ids, settings.store(vectors)))
             if not manifest.try_commit(shard):
                 raise RuntimeError(f"shard {shard.name}: staged vectors incomplete after writing them")
             if on_shard_done is not None:

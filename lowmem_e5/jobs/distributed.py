@@ -100,7 +100,7 @@ class EmbedWorker:
 
         texts = [str(t) for t in batch["text"]]
         vectors, stats = self.settings.encode(self.embedder, texts)
-        table = vector_table(batch["id"].tolist(), vectors)
+        table = vector_table(batch["id"].tolist(), self.settings.store(vectors))
         if self.events is not None:
             self.events.encoded.remote(stats.real_tokens, stats.padded_tokens, stats.n_batches, stats.n_truncated)
         return table.append_column(PARTITION, pa.array([str(s) for s in batch[PARTITION]], type=pa.string()))

@@ -38,8 +38,9 @@ def identity_changes(old: dict, new: dict) -> list[str]:
 
 class Manifest:
     def __init__(self, output: str | Path, identity: dict, corpus: Corpus, *, restart: bool = False,
-                 log=lambda msg: None) -> None:
+                 log=lambda msg: None, vectors: dict | None = None) -> None:
         self.output = Path(output)
+        self.vectors = vectors  # the stored format and its calibration (EmbedSettings.vectors_entry), for readers
         self.path = self.output / MANIFEST
         self.identity = json.loads(json.dumps(identity))  # as it reads back (tuples become lists)
         self.corpus = corpus
@@ -94,7 +95,8 @@ class Manifest:
         return self.output / STAGING
 
     def _save(self) -> None:
-        write_json_atomic(self.path, {"identity": self.identity, "shards": self.shards})
+        write_json_atomic(self.path, {"identity": self.identity, "shards": self.shards,
+                                      **({"vectors": self.vectors} if self.vectors else {})})
 
     def pending(self) -> list[Shard]:
         return [s for s in self.corpus.shards if not self.shards[s.name]["done"]]

@@ -1,4 +1,5 @@
-"""A resumable encode job: the corpus is cut into chunks, each saved atomically, then joined into one .npy.
+"""A resumable encode job: the corpus is cut into chunks, each saved atomically, then joined into one .npy (of float32
+vectors, or of the codes of another vector format, made at the join from the float chunks).
 
 Finished chunks live in OUTPUT.parts/ beside the output, with job.json recording what they were made from; a
 rerun with the same inputs and settings skips them, a rerun with other inputs or settings is refused.
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from ..errors import ResumeMismatchError
 from ..runtime.encoder import Embedder, EncodeStats
+from ..runtime.vector_formats import VectorCalibration, VectorFormat, quantize
 from .atomic import save_npy_atomic, save_npz_atomic, write_json_atomic
 
 
@@ -30,6 +32,8 @@ class JobSpec:
     instruction: str | None = None
     chunk_size: int = 256
     adapter: str | None = None  # folder of the LoRA adapter loaded as "cli" (part of the job's identity)
+    vectors: str = "float32"  # the format of the output's rows (runtime.vector_formats); chunks stay float32
+    calibration: VectorCalibration | None = None  # where the format needs one
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -75,6 +79,8 @@ def job_identity(spec: JobSpec, embedder: Embedder) -> dict:
         "adapter": spec.adapter,
         "model_source": embedder.loaded.source,
         "config": config,
+        "vectors": spec.vectors,
+        "calibration_sha256": spec.calibration.sha256 if spec.calibration is not None else None,
     }
     return json.loads(json.dumps(identity))  # as it reads back from job.json (tuples become lists)
 
@@ -133,7 +139,7 @@ def run_job(
         stats.merge(EncodeStats(n_texts=len(arrays[-1]), n_truncated=len(truncated), truncated=truncated,
                                 real_tokens=real, padded_tokens=padded, n_batches=batches, oom_retries=retries),
                     offset=k * spec.chunk_size)
-    result = np.concatenate(arrays, axis=0)
+    result = quantize(np.concatenate(arrays, axis=0), VectorFormat.parse(spec.vectors), spec.calibration)
     save_npy_atomic(spec.output, result)
     shutil.rmtree(parts)
     return JobResult(output=spec.output, shape=tuple(result.shape), stats=stats, chunks_total=spec.n_chunks,

@@ -1,6 +1,7 @@
 """Vectors on disk as Parquet: a folder `shard=<name>/` per input shard, each row an `id` and an `embedding`, a
 fixed-size list of float32 (the layout vector databases and LanceDB ingest; `pyarrow.dataset` reads the whole
-output as one table with a `shard` column).
+output as one table with a `shard` column), or of the codes of another vector format (`encode --vectors`: float16,
+int8, uint8 values, or packed sign bits as int8 / uint8), whose format and calibration the manifest records.
 
 A shard's files are first written under a staging folder, then checked (every expected id exactly once) and moved
 into place with one rename, so the output never holds a partial shard.
@@ -26,10 +27,12 @@ def id_array(ids: list):
 
 
 def vector_table(ids: list, vectors: np.ndarray):
+    """ids and vectors (float32, or the codes of another vector format: float16, int8, uint8, packed bits) as a
+    table; the embedding's list type is the array's dtype."""
     import pyarrow as pa
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    vectors = np.ascontiguousarray(vectors)
+    flat = pa.array(vectors.reshape(-1))
     return pa.table({"id": id_array(ids),
                      "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
 

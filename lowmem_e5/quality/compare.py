@@ -19,7 +19,7 @@ from ..runtime.sources import resolve_model_source
 from .beir import BeirSplit
 from .evaluation import drift_run
 from .reference import Reference
-from .retrieval import RETRIEVAL_MAX_LENGTH, DocumentCache, add_retention, retrieval_run
+from .retrieval import FLOAT32, RETRIEVAL_MAX_LENGTH, DocumentCache, VectorRow, add_retention, retrieval_runs
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,12 @@ class RetrievalSpec:
     task: str | None = None
     instruction: str | None = None
     cache: DocumentCache | None = None
+    vectors: tuple[VectorRow, ...] = (FLOAT32,)  # float32 first: the retention's reference row
 
 
-def retrieval_path(out_dir: Path, label: str) -> Path:
-    return out_dir / f"{slug(label)}.retrieval.json"
+def retrieval_path(out_dir: Path, label: str, vectors: str = FLOAT32.label) -> Path:
+    middle = "" if vectors == FLOAT32.label else f".{slug(vectors)}"
+    return out_dir / f"{slug(label)}{middle}.retrieval.json"
 
 
 def _settings(config: dict) -> dict:
@@ -115,19 +117,24 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
     records, retrieval_records = [], []
     for i, e in enumerate(entries, start=1):
         path = out_dir / f"{slug(e.label)}.json"
-        r_path = retrieval_path(out_dir, e.label)
         config = base.replace(quant=e.quant, double_quant=e.double_quant, overrides=e.overrides,
                               group_size=e.group_size)
         if not force:
             kept, why = _kept(path, config.replace(max_length=reference.max_length), model)
+            r_kept: list[dict] = []
             if kept is not None and retrieval is not None:
-                r_kept, why = _kept(r_path, config.replace(max_length=RETRIEVAL_MAX_LENGTH), model, retrieval.split)
-                kept = kept if r_kept is not None else None
+                for row in retrieval.vectors:
+                    one, why = _kept(retrieval_path(out_dir, e.label, row.label),
+                                     config.replace(max_length=RETRIEVAL_MAX_LENGTH), model, retrieval.split)
+                    if one is None:
+                        kept = None
+                        why = why or f"no {row.label} retrieval run yet"
+                        break
+                    r_kept.append(one)
             if kept is not None:
                 log(f"[{i}/{len(entries)}] {e.label}: kept {path.name}")
                 records.append(kept)
-                if retrieval is not None:
-                    retrieval_records.append(r_kept)
+                retrieval_records.extend(r_kept)
                 continue
             if why:
                 log(f"[{i}/{len(entries)}] {e.label}: {why}")
@@ -152,23 +159,31 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
         if retrieval is not None:
             r_config = config.replace(max_length=RETRIEVAL_MAX_LENGTH)
             r_embedder = Embedder(dataclasses.replace(embedder.loaded, config=r_config))  # same weights
-            r_run = retrieval_run(r_config, retrieval.split, task=retrieval.task, instruction=retrieval.instruction,
-                                  embedder=r_embedder, cache=retrieval.cache, plan=e.plan)
-            r_run.record["run"]["label"] = e.label
-            write_json_atomic(r_path, r_run.record)
-            retrieval_records.append(r_run.record)
-            message += f", nDCG@10 {r_run.record['quality']['nDCG@10']:.4f}"
+            r_runs = retrieval_runs(r_config, retrieval.split, task=retrieval.task, instruction=retrieval.instruction,
+                                    embedder=r_embedder, cache=retrieval.cache, plan=e.plan,
+                                    vectors=list(retrieval.vectors))
+            for row in retrieval.vectors:
+                record = r_runs[row.label].record
+                record["run"]["label"] = e.label
+                write_json_atomic(retrieval_path(out_dir, e.label, row.label), record)
+                retrieval_records.append(record)
+            message += f", nDCG@10 {r_runs[FLOAT32.label].record['quality']['nDCG@10']:.4f}"
         log(message)
         del embedder
     if retrieval is not None:
-        ref = next((r for r in retrieval_records if r["run"]["label"] == reference.mode), None)
+        ref = next((r for r in retrieval_records if r["run"]["label"] == reference.mode
+                    and r["run"].get("vectors", FLOAT32.label) == FLOAT32.label), None)
         if ref is None:
             log(f"no {reference.mode} run in the grid: retrieval retention is not computed")
         for r in retrieval_records:
             if ref is not None and r is not ref:
                 add_retention(r, ref)
-                write_json_atomic(retrieval_path(out_dir, r["run"]["label"]), r)
+                write_json_atomic(retrieval_path(out_dir, r["run"]["label"], r["run"].get("vectors", FLOAT32.label)), r)
     return records, retrieval_records
+
+
+def float32_rows(retrieval_records: list[dict]) -> list[dict]:
+    return [r for r in retrieval_records if r["run"].get("vectors", FLOAT32.label) == FLOAT32.label]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -195,7 +210,7 @@ def markdown_table(records: list[dict], retrieval_records: list[dict] | None = N
     int8_bytes = int8["memory"]["weight_bytes"]["total"] if int8 else None
     points = [(r["memory"]["weight_bytes"]["total"], 1 - r["quality"]["mean_cosine"]) for r in records]
     front = set(pareto_front(points))
-    by_label = {r["run"]["label"]: r for r in retrieval_records or []}
+    by_label = {r["run"]["label"]: r for r in float32_rows(retrieval_records or [])}
     extra = " nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] |" if by_label else ""
     lines = ["| mode | weight bytes | vs int8 | mean cos | p5 cos | min cos | top-10 overlap | Spearman | Pareto |"
              + extra,
@@ -262,7 +277,7 @@ def plot_retention(retrieval_records: list[dict], path: Path, title: str, measur
     """Memory against retrieval retention (mode / reference mode), with the 95 % bootstrap intervals."""
     plt = _pyplot()
 
-    rows = [r for r in retrieval_records if "retention" in r["quality"]]
+    rows = [r for r in float32_rows(retrieval_records) if "retention" in r["quality"]]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for r in rows:
         x = r["memory"]["weight_bytes"]["total"] / 2**20
@@ -277,4 +292,60 @@ def plot_retention(retrieval_records: list[dict], path: Path, title: str, measur
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _write_png(fig, path)
+
+
+def index_memory_points(retrieval_records: list[dict], measure: str = "nDCG@10") -> list[tuple[float, float]]:
+    """(bytes for a million documents, 1 - retention) per row; the reference row has retention 1."""
+    points = []
+    for r in retrieval_records:
+        retention = r["quality"].get("retention", {}).get(measure, {}).get("retention", 1.0)
+        points.append((float(r["memory"]["bytes_for_a_million_documents"]), 1.0 - retention))
+    return points
+
+
+def index_memory_table(retrieval_records: list[dict]) -> str:
+    """One row per (weight mode x vector format): the three metrics, nDCG@10 retention against (reference weights,
+    float32 vectors) with its interval, index bytes per document, and weights + a million documents' vectors."""
+    points = index_memory_points(retrieval_records)
+    front = set(pareto_front(points))
+    lines = ["| weights | vectors | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] | bytes / document | "
+             "weights + 10^6 documents (GB) | Pareto |", "|---|---|---:|---:|---:|---|---:|---:|:-:|"]
+    for i in sorted(range(len(retrieval_records)), key=lambda i: -points[i][0]):
+        r = retrieval_records[i]
+        q, m = r["quality"], r["memory"]
+        lines.append(f"| {r['run']['label']} | {r['run'].get('vectors', FLOAT32.label)} | {q['nDCG@10']:.4f} | "
+                     f"{q['Recall@100']:.4f} | {q['MRR@10']:.4f} | {retention_cell(r)} | "
+                     f"{m['index_bytes_per_document']:,} | {m['bytes_for_a_million_documents'] / 1e9:.3f} | "
+                     f"{'*' if i in front else ''} |")
+    return "\n".join(lines)
+
+
+def plot_index_memory(retrieval_records: list[dict], path: Path, title: str, measure: str = "nDCG@10") -> None:
+    """Weights + a million documents' vectors against retrieval retention, the Pareto front marked."""
+    plt = _pyplot()
+
+    points = index_memory_points(retrieval_records, measure)
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
+    weights = sorted({r["run"]["label"] for r in retrieval_records})
+    for c, w in enumerate(weights):
+        rows = [i for i, r in enumerate(retrieval_records) if r["run"]["label"] == w]
+        for i in rows:
+            r = retrieval_records[i]
+            ret = r["quality"].get("retention", {}).get(measure)
+            y = ret["retention"] if ret else 1.0
+            yerr = [[y - ret["ci95"][0]], [ret["ci95"][1] - y]] if ret else None
+            ax.errorbar([points[i][0] / 1e9], [y], yerr=yerr, fmt="o", capsize=2, color=f"C{c}",
+                        label=w if i == rows[0] else None)
+            ax.annotate(r["run"].get("vectors", FLOAT32.label), (points[i][0] / 1e9, y), fontsize=6,
+                        xytext=(4, 2), textcoords="offset points")
+    ax.plot([points[i][0] / 1e9 for i in front], [1 - points[i][1] for i in front], "k--", lw=1,
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("weight bytes + a million documents' vectors (GB, log)")
+    ax.set_ylabel(f"{measure} retention vs (reference weights, float32 vectors), 95 % CI")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="weights")
     _write_png(fig, path)

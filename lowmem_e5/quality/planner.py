@@ -174,3 +174,27 @@ def format_plan(rows: list[dict], card_labels: list[str] | None = None) -> str:
                 for label in card_labels]
         lines.append(f"| {r['mode']} | {r['weight_bytes']:,} | {r['weight_bytes'] / GIB:.2f} | " + " | ".join(fits) + " |")
     return "\n".join(lines)
+
+
+def index_table(config, documents: int, weight_rows: list[dict]) -> list[dict]:
+    """Per stored vector format: bytes per vector (the model's hidden size), the index of `documents` vectors, and
+    weights + index for each weight mode of `plan_table`."""
+    from ..runtime.vector_formats import FORMATS, VectorFormat
+
+    d = config.hidden_size
+    rows = []
+    for name in FORMATS:
+        per = VectorFormat(name).bytes_per_vector(d)
+        rows.append({"format": name, "dimensions": d, "bytes_per_vector": per, "index_bytes": per * documents,
+                     "with_weights": {w["mode"]: w["weight_bytes"] + per * documents for w in weight_rows}})
+    return rows
+
+
+def format_index(rows: list[dict], documents: int, modes: tuple[str, ...] = ("fp16", "int8", "nf4")) -> str:
+    head = (f"| vectors ({rows[0]['dimensions']:,} dims) | bytes / vector | index of {documents:,} documents (GiB) | "
+            + " | ".join(f"{m} weights + index (GiB)" for m in modes) + " |")
+    lines = [head, "|" + "---|" * (3 + len(modes))]
+    for r in rows:
+        lines.append(f"| {r['format']} | {r['bytes_per_vector']:,} | {r['index_bytes'] / GIB:.2f} | "
+                     + " | ".join(f"{r['with_weights'][m] / GIB:.2f}" for m in modes) + " |")
+    return "\n".join(lines)

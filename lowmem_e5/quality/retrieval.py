@@ -20,18 +20,26 @@ from ..runtime.encoder import Embedder
 from ..runtime.fingerprint import adapter_fingerprint, model_identity
 from ..runtime.loading import load_model
 from .beir import BeirSplit
+from ..runtime.vector_formats import (
+    VectorCalibration,
+    VectorFormat,
+    VectorFormatError,
+    index_identity,
+    quantize,
+)
 from .retrieval_metrics import (
     MEASURES,
     SEARCH_DEPTH,
-    exact_search,
     paired_bootstrap_retention,
     per_query_scores,
     run_from_search,
     summarize,
 )
+from .vector_search import search_codes
 
 RETRIEVAL_MAX_LENGTH = 512  # the official E5 BEIR evaluation's
 DOCUMENT_CACHE_VERSION = 1  # bump when the document text format changes
+MILLION = 10**6
 
 
 def default_cache_dir() -> Path:
@@ -79,12 +87,55 @@ class RetrievalRun:
     per_query: dict[str, np.ndarray]  # measure -> value per query, in the split's query order
 
 
-def retrieval_run(config: RuntimeConfig, split: BeirSplit, *, task: str | None = None,
-                  instruction: str | None = None, adapter: str | None = None, embedder: Embedder | None = None,
-                  cache: DocumentCache | None = None, plan: str | None = None, progress: bool = False,
-                  ) -> RetrievalRun:
-    """adapter: a peft folder applied to queries and documents. cache: None for the default folder. progress: bars
-    on stderr for documents and queries."""
+@dataclass(frozen=True)
+class VectorRow:
+    """How the documents are stored and searched in one row: a vector format and, for binary ones, the rescoring
+    factor (0: Hamming distance only)."""
+
+    fmt: VectorFormat = VectorFormat()
+    rescore: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rescore and not self.fmt.is_binary:
+            raise VectorFormatError(f"--rescore applies to binary and ubinary; {self.fmt} is already scored by the "
+                                    "float query's inner product with the stored vector")
+
+    @property
+    def label(self) -> str:
+        return f"{self.fmt}+rescore{self.rescore}" if self.rescore else str(self.fmt)
+
+
+FLOAT32 = VectorRow()
+CALIBRATION_SAMPLE = 1000  # documents whose vectors set the int8/uint8 ranges and the binary centre
+
+
+def vector_rows(formats: list[VectorFormat], rescores: list[int]) -> list[VectorRow]:
+    """One row per format, binary ones once per rescoring factor; float32 first (the retention's reference)."""
+    rows = [FLOAT32]
+    for fmt in formats:
+        for rescore in (rescores if fmt.is_binary else [0]):
+            row = VectorRow(fmt, rescore)
+            if row not in rows:
+                rows.append(row)
+    return rows
+
+
+def calibration_sample(vectors: np.ndarray, rows: int = CALIBRATION_SAMPLE, seed: int = 0) -> np.ndarray:
+    """A fixed random sample of document vectors (all of them when there are fewer)."""
+    if len(vectors) <= rows:
+        return vectors
+    return vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), rows, replace=False))]
+
+
+def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None = None,
+                   instruction: str | None = None, adapter: str | None = None, embedder: Embedder | None = None,
+                   cache: DocumentCache | None = None, plan: str | None = None, progress: bool = False,
+                   vectors: list[VectorRow] | None = None) -> dict[str, RetrievalRun]:
+    """Embed the split once in this mode and search it once per vector row (default: float32 only); a run per row,
+    by its label. Documents stored as codes, queries in float32; int8/uint8 ranges and the binary centre from a
+    sample of the split's own document vectors in this mode (`CALIBRATION_SAMPLE`).
+    adapter: a peft folder applied to queries and documents. cache: None for the default folder. progress: bars on
+    stderr for documents and queries."""
     cache = cache or DocumentCache()
     t_load = time.perf_counter()
     embedder = embedder or Embedder(load_model(config))
@@ -109,22 +160,47 @@ def retrieval_run(config: RuntimeConfig, split: BeirSplit, *, task: str | None =
     query_vectors = _encode(embedder.encode_queries, split.query_texts, f"{label} queries", progress, task=task,
                             instruction=instruction, adapter=adapter_name)
     query_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    indices, scores = exact_search(query_vectors, doc_vectors, k=SEARCH_DEPTH)
-    search_s = time.perf_counter() - t0
-    per_query = per_query_scores(split.qrels, run_from_search(split.query_ids, split.doc_ids, indices, scores),
-                                 split.query_ids)
-    record = result_record(
-        run={"mode": label, "config": config.to_dict(), "model_source": source,
-             "model_fingerprint": model_identity(source), **split.describe(), "task": task,
-             "instruction": instruction, "adapter": str(adapter) if adapter else None},
-        quality={**summarize(per_query), "per_query": {"query_ids": split.query_ids,
-                                                       **{m: v.tolist() for m, v in per_query.items()}}},
-        memory={"weight_bytes": embedder.loaded.weight_bytes.to_dict()},
-        speed={"load_seconds": load_s, "document_seconds": doc_s, "documents_from_cache": cached,
-               "query_seconds": query_s, "search_seconds": search_s},
-    )
-    return RetrievalRun(record=record, per_query=per_query)
+    rows = vectors or [FLOAT32]
+    calibration = None
+    if any(row.fmt.needs_calibration for row in rows):
+        calibration = VectorCalibration.from_vectors(
+            calibration_sample(doc_vectors), index_identity(source, config, adapter),
+            {"source": "the split's documents", "corpus_sha256": split.corpus_sha256})
+    weight_bytes = embedder.loaded.weight_bytes
+    dimensions = int(doc_vectors.shape[1])
+    runs = {}
+    for row in rows:
+        t0 = time.perf_counter()
+        codes = quantize(doc_vectors, row.fmt, calibration)
+        indices, scores = search_codes(query_vectors, codes, row.fmt, calibration, k=SEARCH_DEPTH,
+                                       rescore=row.rescore)
+        search_s = time.perf_counter() - t0
+        per_query = per_query_scores(split.qrels, run_from_search(split.query_ids, split.doc_ids, indices, scores),
+                                     split.query_ids)
+        per_doc = row.fmt.bytes_per_vector(dimensions)
+        record = result_record(
+            run={"mode": label, "vectors": row.label, "config": config.to_dict(), "model_source": source,
+                 "model_fingerprint": model_identity(source), **split.describe(), "task": task,
+                 "instruction": instruction, "adapter": str(adapter) if adapter else None,
+                 "vector_format": {"format": row.fmt.name, "centred": row.fmt.centred, "rescore": row.rescore,
+                                   "dimensions": dimensions,
+                                   "calibration_rows": calibration.sample["rows"]
+                                   if calibration is not None and row.fmt.needs_calibration else None}},
+            quality={**summarize(per_query), "per_query": {"query_ids": split.query_ids,
+                                                           **{m: v.tolist() for m, v in per_query.items()}}},
+            memory={"weight_bytes": weight_bytes.to_dict(), "index_bytes_per_document": per_doc,
+                    "index_bytes": per_doc * len(split.doc_ids),
+                    "bytes_for_a_million_documents": weight_bytes.total + MILLION * per_doc},
+            speed={"load_seconds": load_s, "document_seconds": doc_s, "documents_from_cache": cached,
+                   "query_seconds": query_s, "search_seconds": search_s},
+        )
+        runs[row.label] = RetrievalRun(record=record, per_query=per_query)
+    return runs
+
+
+def retrieval_run(config: RuntimeConfig, split: BeirSplit, **kwargs) -> RetrievalRun:
+    """`retrieval_runs` with float32 vectors: one run."""
+    return retrieval_runs(config, split, **kwargs)[FLOAT32.label]
 
 
 def per_query_from_record(record: dict) -> dict[str, np.ndarray]:
@@ -139,5 +215,5 @@ def add_retention(record: dict, reference: dict) -> None:
         raise ValueError("the reference run scored other queries; expected the same BEIR split")
     mine, ref = per_query_from_record(record), per_query_from_record(reference)
     record["quality"]["retention"] = {
-        "reference_mode": reference["run"]["mode"],
+        "reference_mode": reference["run"]["mode"], "reference_vectors": reference["run"].get("vectors", "float32"),
         **{m: paired_bootstrap_retention(mine[m], ref[m]).to_dict() for m in MEASURES}}

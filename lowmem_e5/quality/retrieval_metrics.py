@@ -12,33 +12,6 @@ MEASURES = {"nDCG@10": "nDCG@10", "Recall@100": "R@100", "MRR@10": "RR@10"}
 SEARCH_DEPTH = 100  # the deepest cut-off any measure reads
 
 
-def exact_search(queries: np.ndarray, documents: np.ndarray, k: int = SEARCH_DEPTH, doc_chunk: int = 16384,
-                 query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k documents of every query by inner product (vectors are L2-normalised: cosine), in fp32. Memory is one
-    query_chunk x doc_chunk score block, not queries x documents. Returns (indices, scores), each queries x k, best
-    first; ties go to the lower document index."""
-    queries = np.asarray(queries, dtype=np.float32)
-    documents = np.asarray(documents, dtype=np.float32)
-    k = min(k, len(documents))
-    top_idx = np.empty((len(queries), k), dtype=np.int64)
-    top_score = np.empty((len(queries), k), dtype=np.float32)
-    for q0 in range(0, len(queries), query_chunk):
-        q = queries[q0:q0 + query_chunk]
-        best_idx = np.empty((len(q), 0), dtype=np.int64)
-        best_score = np.empty((len(q), 0), dtype=np.float32)
-        for d0 in range(0, len(documents), doc_chunk):
-            scores = q @ documents[d0:d0 + doc_chunk].T
-            idx = np.broadcast_to(np.arange(d0, d0 + scores.shape[1]), scores.shape)
-            cand_score = np.concatenate([best_score, scores], axis=1)
-            cand_idx = np.concatenate([best_idx, idx], axis=1)
-            # sort by score descending, then index ascending (lexsort: last key first)
-            order = np.lexsort((cand_idx, -cand_score), axis=1)[:, :k]
-            best_score = np.take_along_axis(cand_score, order, axis=1)
-            best_idx = np.take_along_axis(cand_idx, order, axis=1)
-        top_idx[q0:q0 + len(q)], top_score[q0:q0 + len(q)] = best_idx, best_score
-    return top_idx, top_score
-
-
 def run_from_search(query_ids: list[str], doc_ids: list[str], indices: np.ndarray, scores: np.ndarray,
                     ) -> dict[str, dict[str, float]]:
     """A TREC run: query id -> document id -> score. Ranks are made strictly decreasing by a tiny rank offset, so
