@@ -2,8 +2,6 @@
 by hand, the paired bootstrap, and a retrieval run (cached documents, retention) with the real runtime."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,20 +155,39 @@ def test_a_retrieval_run_caches_documents_and_reports_retention(tmp_path, tiny_m
     assert record["run"]["documents"] == 3 and record["run"]["queries"] == 2
 
 
-def test_retrieval_command_writes_a_record_with_retention(tmp_path, tiny_model_dir):
+def test_retrieval_command_writes_a_record_with_retention(tmp_path, tiny_model_dir, cli_main):
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "lowmem_e5", "retrieval", "--beir", str(write_beir(tmp_path / "b")),
-                        "--model", str(tiny_model_dir), "--quant", "int8", "--task", "NQ", "--max-length", "128",
-                        "--cache-dir", str(tmp_path / "cache"), "--output", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    common = ["--model", tiny_model_dir, "--task", "NQ", "--max-length", "128", "--cache-dir", tmp_path / "cache"]
+    rc, stdout, err = cli_main("retrieval", "--beir", write_beir(tmp_path / "b"), "--quant", "int8", *common,
+                               "--output", out)
+    assert rc == 0, err[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
     record = json.loads(out.read_text())
     assert summary["mode"] == "int8" and record["quality"]["retention"]["reference_mode"] == "fp32"
     assert record["run"]["config"]["max_length"] == 128
-    r = subprocess.run([sys.executable, "-m", "lowmem_e5", "retrieval", "--beir", str(tmp_path / "b"), "--model",
-                        str(tiny_model_dir)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--task NAME or --instruction TEXT" in r.stderr
+    rc, _, err = cli_main("retrieval", "--beir", tmp_path / "b", "--model", tiny_model_dir)
+    assert rc == 2 and "--task NAME or --instruction TEXT" in err
+
+
+def test_retrieval_measures_a_row_per_vector_format_against_float32_vectors(tmp_path, tiny_model_dir, cli_main):
+    out = tmp_path / "r.json"
+    common = ["--beir", write_beir(tmp_path / "b"), "--model", tiny_model_dir, "--quant", "fp32", "--task", "NQ",
+              "--max-length", "128", "--cache-dir", tmp_path / "cache"]
+    rc, stdout, err = cli_main("retrieval", *common, "--vectors", "int8,binary", "--rescore", "0,4", "--output", out)
+    assert rc == 0, err[-2000:]
+    rows = [json.loads(line) for line in stdout.strip().splitlines()]
+    records = json.loads(out.read_text())
+    assert [r["vectors"] for r in rows] == ["float32", "int8", "binary", "binary+rescore4"]
+    assert [r["index_bytes_per_document"] for r in rows] == [256, 64, 8, 8]  # 64 dimensions
+    assert "retention" not in rows[0] and all("retention" in r for r in rows[1:])
+    assert all(r["quality"]["retention"]["reference_vectors"] == "float32" for r in records[1:])
+    assert records[1]["memory"]["bytes_for_a_million_documents"] == (
+        records[1]["memory"]["weight_bytes"]["total"] + 64 * 10**6)
+    assert records[1]["run"]["vector_format"]["calibration_rows"] == 3  # the split's 3 documents
+    rc, _, err = cli_main("retrieval", *common, "--vectors", "int8", "--rescore", "4")
+    assert rc == 2 and "--rescore 4 applies to binary and ubinary vectors" in err
+    rc, _, err = cli_main("retrieval", *common, "--vectors", "int4")
+    assert rc == 2 and "expected one of: float32, float16, int8, uint8, binary, ubinary" in err
 
 
 def test_the_labelled_set_is_as_its_manifest_says():
@@ -189,8 +206,19 @@ def test_the_labelled_set_is_as_its_manifest_says():
 
 
 def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tmp_path, tiny_model_dir):
+    """... and with vector formats, a row per (weight mode x vector format) against (fp32, float32), with bytes."""
     from lowmem_e5 import Embedder, load_model
-    from lowmem_e5.quality.compare import GridEntry, RetrievalSpec, markdown_table, plot_retention, run_grid
+    from lowmem_e5.quality.compare import (
+        GridEntry,
+        RetrievalSpec,
+        index_memory_table,
+        markdown_table,
+        plot_index_memory,
+        plot_retention,
+        run_grid,
+    )
+    from lowmem_e5.quality.retrieval import FLOAT32, VectorRow
+    from lowmem_e5.runtime.vector_formats import VectorFormat
     from lowmem_e5.quality.reference import embed_calibration, read_reference, write_reference
     from lowmem_e5.runtime.calibration_set import load_calibration_set
 
@@ -199,19 +227,26 @@ def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tm
     write_reference(tmp_path / "ref.safetensors", embed_calibration(Embedder(load_model(base)), cset), cset,
                     str(tiny_model_dir), "fp32", 128)
     reference = read_reference(tmp_path / "ref.safetensors")
+    vectors = (FLOAT32, VectorRow(VectorFormat("int8")), VectorRow(VectorFormat("binary"), rescore=4))
     spec = RetrievalSpec(load_beir(write_beir(tmp_path / "b"), "test"), task="NQ",
-                         cache=DocumentCache(tmp_path / "cache"))
+                         cache=DocumentCache(tmp_path / "cache"), vectors=vectors)
     entries = [GridEntry("fp32", "fp32"), GridEntry("nf4", "nf4")]
     records, retrieval = run_grid(entries, base, reference, cset, tmp_path / "grid", log=lambda m: None,
                                   retrieval=spec)
-    assert [r["run"]["label"] for r in retrieval] == ["fp32", "nf4"]
+    assert [(r["run"]["label"], r["run"]["vectors"]) for r in retrieval] == [
+        (w, v) for w in ("fp32", "nf4") for v in ("float32", "int8", "binary+rescore4")]
     assert "retention" not in retrieval[0]["quality"]
-    assert retrieval[1]["quality"]["retention"]["reference_mode"] == "fp32"
+    assert all(r["quality"]["retention"]["reference_mode"] == "fp32" for r in retrieval[1:])
     assert json.loads((tmp_path / "grid" / "nf4.retrieval.json").read_text())["quality"]["retention"]
+    assert json.loads((tmp_path / "grid" / "nf4.binary-rescore4.retrieval.json").read_text())["quality"]["retention"]
     table = markdown_table(records, retrieval)
-    assert "nDCG@10 retention [95% CI]" in table and "(reference)" in table
+    assert "nDCG@10 retention [95% CI]" in table and "(reference)" in table and len(table.splitlines()) == 4
     plot_retention(retrieval, tmp_path / "grid" / "r.png", "test")
     assert (tmp_path / "grid" / "r.png").read_bytes()[:4] == b"\x89PNG"
+    grid = index_memory_table(retrieval)
+    assert len(grid.splitlines()) == 2 + 6 and "| nf4 | binary+rescore4 |" in grid and "| 8 |" in grid
+    plot_index_memory(retrieval, tmp_path / "grid" / "i.png", "test")
+    assert (tmp_path / "grid" / "i.png").read_bytes()[:4] == b"\x89PNG"
     logged = []
     again, again_retrieval = run_grid(entries, base, reference, cset, tmp_path / "grid", log=logged.append,
                                       retrieval=spec)
