@@ -180,6 +180,8 @@ def test_retrieval_measures_a_row_per_vector_format_against_float32_vectors(tmp_
     assert [r["vectors"] for r in rows] == ["float32", "int8", "binary", "binary+rescore4"]
     assert [r["index_bytes_per_document"] for r in rows] == [256, 64, 8, 8]  # 64 dimensions
     assert "retention" not in rows[0] and all("retention" in r for r in rows[1:])
+    # fp32 weights: the reference and the same weights' float32 row are one run
+    assert all(r["retention_vs_float32_vectors"] == r["retention"] for r in rows[1:])
     assert all(r["quality"]["retention"]["reference_vectors"] == "float32" for r in records[1:])
     assert records[1]["memory"]["bytes_for_a_million_documents"] == (
         records[1]["memory"]["weight_bytes"]["total"] + 64 * 10**6)
@@ -238,7 +240,9 @@ def test_compare_with_beir_adds_retrieval_columns_retention_and_a_second_plot(tm
     assert "retention" not in retrieval[0]["quality"]
     assert all(r["quality"]["retention"]["reference_mode"] == "fp32" for r in retrieval[1:])
     assert json.loads((tmp_path / "grid" / "nf4.retrieval.json").read_text())["quality"]["retention"]
-    assert json.loads((tmp_path / "grid" / "nf4.binary-rescore4.retrieval.json").read_text())["quality"]["retention"]
+    nf4_binary = json.loads((tmp_path / "grid" / "nf4.binary-rescore4.retrieval.json").read_text())["quality"]
+    assert nf4_binary["retention"]["reference_mode"] == "fp32"
+    assert nf4_binary["retention_vs_float32_vectors"]["reference_mode"] == "nf4"
     table = markdown_table(records, retrieval)
     assert "nDCG@10 retention [95% CI]" in table and "(reference)" in table and len(table.splitlines()) == 4
     plot_retention(retrieval, tmp_path / "grid" / "r.png", "test")

@@ -19,6 +19,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
         RETRIEVAL_MAX_LENGTH,
         DocumentCache,
         add_retention,
+        add_vector_retention,
         retrieval_run,
         retrieval_runs,
     )
@@ -48,6 +49,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
         for record in records:
             if record is not reference:
                 add_retention(record, reference)
+        add_vector_retention(records)
     if not args.vectors:
         records = records[:1]
     if args.output:
@@ -57,8 +59,9 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
         summary = {"mode": record["run"]["mode"], "vectors": record["run"]["vectors"],
                    "index_bytes_per_document": record["memory"]["index_bytes_per_document"],
                    **{m: q[m] for m in ("nDCG@10", "Recall@100", "MRR@10")}}
-        if "retention" in q:
-            summary["retention"] = {m: q["retention"][m] for m in ("nDCG@10", "Recall@100", "MRR@10")}
+        for key in ("retention", "retention_vs_float32_vectors"):
+            if key in q:
+                summary[key] = {m: q[key][m] for m in ("nDCG@10", "Recall@100", "MRR@10")}
         print(json.dumps(summary))
     return 0
 

@@ -19,7 +19,15 @@ from ..runtime.sources import resolve_model_source
 from .beir import BeirSplit
 from .evaluation import drift_run
 from .reference import Reference
-from .retrieval import FLOAT32, RETRIEVAL_MAX_LENGTH, DocumentCache, VectorRow, add_retention, retrieval_runs
+from .retrieval import (
+    FLOAT32,
+    RETRIEVAL_MAX_LENGTH,
+    DocumentCache,
+    VectorRow,
+    add_retention,
+    add_vector_retention,
+    retrieval_runs,
+)
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,11 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
                     and r["run"].get("vectors", FLOAT32.label) == FLOAT32.label), None)
         if ref is None:
             log(f"no {reference.mode} run in the grid: retrieval retention is not computed")
+        add_vector_retention(retrieval_records)
         for r in retrieval_records:
             if ref is not None and r is not ref:
                 add_retention(r, ref)
-                write_json_atomic(retrieval_path(out_dir, r["run"]["label"], r["run"].get("vectors", FLOAT32.label)), r)
+            write_json_atomic(retrieval_path(out_dir, r["run"]["label"], r["run"].get("vectors", FLOAT32.label)), r)
     return records, retrieval_records
 
 
@@ -195,10 +204,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def retention_cell(record: dict | None, measure: str = "nDCG@10") -> str:
+def retention_cell(record: dict | None, measure: str = "nDCG@10", key: str = "retention") -> str:
     if record is None:
         return "-"
-    retention = record["quality"].get("retention")
+    retention = record["quality"].get(key)
     if retention is None:
         return "(reference)"
     r = retention[measure]
@@ -309,13 +318,15 @@ def index_memory_table(retrieval_records: list[dict]) -> str:
     float32 vectors) with its interval, index bytes per document, and weights + a million documents' vectors."""
     points = index_memory_points(retrieval_records)
     front = set(pareto_front(points))
-    lines = ["| weights | vectors | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] | bytes / document | "
-             "weights + 10^6 documents (GB) | Pareto |", "|---|---|---:|---:|---:|---|---:|---:|:-:|"]
+    lines = ["| weights | vectors | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] | vs float32 vectors, "
+             "same weights | bytes / document | weights + 10^6 documents (GB) | Pareto |",
+             "|---|---|---:|---:|---:|---|---|---:|---:|:-:|"]
     for i in sorted(range(len(retrieval_records)), key=lambda i: -points[i][0]):
         r = retrieval_records[i]
         q, m = r["quality"], r["memory"]
+        own = retention_cell(r, key="retention_vs_float32_vectors") if r["run"].get("vectors") != FLOAT32.label else "-"
         lines.append(f"| {r['run']['label']} | {r['run'].get('vectors', FLOAT32.label)} | {q['nDCG@10']:.4f} | "
-                     f"{q['Recall@100']:.4f} | {q['MRR@10']:.4f} | {retention_cell(r)} | "
+                     f"{q['Recall@100']:.4f} | {q['MRR@10']:.4f} | {retention_cell(r)} | {own} | "
                      f"{m['index_bytes_per_document']:,} | {m['bytes_for_a_million_documents'] / 1e9:.3f} | "
                      f"{'*' if i in front else ''} |")
     return "\n".join(lines)

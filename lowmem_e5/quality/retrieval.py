@@ -208,12 +208,24 @@ def per_query_from_record(record: dict) -> dict[str, np.ndarray]:
     return {m: np.asarray(stored[m]) for m in MEASURES}
 
 
-def add_retention(record: dict, reference: dict) -> None:
-    """Put each measure's retention against the reference run (same split, same queries) into record['quality']."""
+def add_retention(record: dict, reference: dict, key: str = "retention") -> None:
+    """Put each measure's retention against the reference run (same split, same queries) into record['quality'][key]:
+    "retention" against the reference weights' float32 vectors, "retention_vs_float32_vectors" against the same
+    weights' float32 vectors (what the vector format alone costs)."""
     ours, theirs = record["quality"]["per_query"], reference["quality"]["per_query"]
     if ours["query_ids"] != theirs["query_ids"]:
         raise ValueError("the reference run scored other queries; expected the same BEIR split")
     mine, ref = per_query_from_record(record), per_query_from_record(reference)
-    record["quality"]["retention"] = {
+    record["quality"][key] = {
         "reference_mode": reference["run"]["mode"], "reference_vectors": reference["run"].get("vectors", "float32"),
         **{m: paired_bootstrap_retention(mine[m], ref[m]).to_dict() for m in MEASURES}}
+
+
+def add_vector_retention(records: list[dict]) -> None:
+    """Each non-float32 row's retention against the float32 row of its own weights, where the list has it."""
+    float32 = {r["run"].get("label", r["run"]["mode"]): r for r in records
+               if r["run"].get("vectors", FLOAT32.label) == FLOAT32.label}
+    for r in records:
+        own = float32.get(r["run"].get("label", r["run"]["mode"]))
+        if own is not None and r is not own:
+            add_retention(r, own, key="retention_vs_float32_vectors")
