@@ -54,32 +54,44 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
+class PeakSampler:
+    """The peak of a process's RssAnon and VmHWM, sampled from /proc on a thread while the `with` block runs."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak = {"RssAnon": 0, "VmHWM": 0}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.done.is_set():
+            s = proc_status(self.pid)
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], s.get(k, 0))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def run_measured(argv: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run a child, sampling its anonymous memory; its last stdout line is JSON."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    peak = {"RssAnon": 0, "VmHWM": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            s = proc_status(proc.pid)
-            for k in peak:
-                peak[k] = max(peak[k], s.get(k, 0))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise RuntimeError(f"{' '.join(argv[:6])} ... took over {timeout} s: {err[-1500:]}")
-    finally:
-        done.set()
-        sampler.join()
+    with PeakSampler(proc.pid) as sampler:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise RuntimeError(f"{' '.join(argv[:6])} ... took over {timeout} s: {err[-1500:]}")
+    peak = sampler.peak
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv[:8]))} ... failed ({proc.returncode}): {err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -228,25 +240,13 @@ def child_activations(model: str, budgets: list[int]) -> dict:
     for budget in budgets:
         seq = min(512, budget)
         ids = torch.randint(3, config.vocab_size, (budget // seq, seq))
-        peak = {"v": 0}
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak["v"] = max(peak["v"], proc_status(os.getpid()).get("RssAnon", 0))
-                time.sleep(0.005)
-
         base = proc_status(os.getpid()).get("RssAnon", 0)
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with PeakSampler(os.getpid(), interval=0.005) as sampler, torch.inference_mode():
             loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids))
         seconds = time.perf_counter() - t0
-        done.set()
-        thread.join()
         rows.append({"tokens": budget, "rows": int(ids.shape[0]), "seq_len": seq, "forward_s": round(seconds, 2),
-                     "measured_peak_above_model_bytes": peak["v"] - base,
+                     "measured_peak_above_model_bytes": sampler.peak["RssAnon"] - base,
                      "planner_activation_bytes": budget * activation_bytes_per_token(config, "float32"),
                      "planner_workspace_bytes": workspace_bytes(weights, "float32")})
     return {"budgets": rows}
