@@ -313,14 +313,18 @@ def index_memory_points(retrieval_records: list[dict], measure: str = "nDCG@10")
     return points
 
 
+def bits_cell(bits: dict | None) -> str:
+    return f"{bits['mean_entropy']:.3f}, {bits['near_constant_share']:.1%}" if bits else "-"
+
+
 def index_memory_table(retrieval_records: list[dict]) -> str:
     """One row per (weight mode x vector format): the three metrics, nDCG@10 retention against (reference weights,
     float32 vectors) with its interval, index bytes per document, and weights + a million documents' vectors."""
     points = index_memory_points(retrieval_records)
     front = set(pareto_front(points))
     lines = ["| weights | vectors | nDCG@10 | Recall@100 | MRR@10 | nDCG@10 retention [95% CI] | vs float32 vectors, "
-             "same weights | bytes / document | weights + 10^6 documents (GB) | Pareto |",
-             "|---|---|---:|---:|---:|---|---|---:|---:|:-:|"]
+             "same weights | bytes / document | weights + 10^6 documents (GB) | Pareto | bits: mean entropy, "
+             "near-constant |", "|---|---|---:|---:|---:|---|---|---:|---:|:-:|---|"]
     for i in sorted(range(len(retrieval_records)), key=lambda i: -points[i][0]):
         r = retrieval_records[i]
         q, m = r["quality"], r["memory"]
@@ -328,7 +332,7 @@ def index_memory_table(retrieval_records: list[dict]) -> str:
         lines.append(f"| {r['run']['label']} | {r['run'].get('vectors', FLOAT32.label)} | {q['nDCG@10']:.4f} | "
                      f"{q['Recall@100']:.4f} | {q['MRR@10']:.4f} | {retention_cell(r)} | {own} | "
                      f"{m['index_bytes_per_document']:,} | {m['bytes_for_a_million_documents'] / 1e9:.3f} | "
-                     f"{'*' if i in front else ''} |")
+                     f"{'*' if i in front else ''} | {bits_cell(q.get('bits'))} |")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from ..runtime.vector_formats import (
     VectorFormat,
     VectorFormatError,
     index_identity,
+    packed_bits,
     quantize,
 )
 from .retrieval_metrics import (
@@ -178,6 +179,7 @@ def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None 
         per_query = per_query_scores(split.qrels, run_from_search(split.query_ids, split.doc_ids, indices, scores),
                                      split.query_ids)
         per_doc = row.fmt.bytes_per_vector(dimensions)
+        quality_extra = {"bits": bit_balance(codes, row.fmt, dimensions)} if row.fmt.is_binary else {}
         record = result_record(
             run={"mode": label, "vectors": row.label, "config": config.to_dict(), "model_source": source,
                  "model_fingerprint": model_identity(source), **split.describe(), "task": task,
@@ -186,8 +188,9 @@ def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None 
                                    "dimensions": dimensions,
                                    "calibration_rows": calibration.sample["rows"]
                                    if calibration is not None and row.fmt.needs_calibration else None}},
-            quality={**summarize(per_query), "per_query": {"query_ids": split.query_ids,
-                                                           **{m: v.tolist() for m, v in per_query.items()}}},
+            quality={**summarize(per_query), **quality_extra,
+                     "anisotropy": {"mean_vector_norm": float(np.linalg.norm(doc_vectors.mean(axis=0)))},
+                     "per_query": {"query_ids": split.query_ids, **{m: v.tolist() for m, v in per_query.items()}}},
             memory={"weight_bytes": weight_bytes.to_dict(), "index_bytes_per_document": per_doc,
                     "index_bytes": per_doc * len(split.doc_ids),
                     "bytes_for_a_million_documents": weight_bytes.total + MILLION * per_doc},
@@ -196,6 +199,16 @@ def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None 
         )
         runs[row.label] = RetrievalRun(record=record, per_query=per_query)
     return runs
+
+
+def bit_balance(codes: np.ndarray, fmt: VectorFormat, dimensions: int) -> dict:
+    """How much the documents' sign bits can tell them apart: the mean entropy of a bit over the documents (1.0: set
+    in half of them) and the share of bits that are the same in at least 95 % of the documents."""
+    ones = np.unpackbits(packed_bits(codes, fmt), axis=1, count=dimensions).mean(axis=0)
+    p = np.clip(ones, 1e-12, 1 - 1e-12)
+    entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return {"mean_entropy": float(entropy.mean()),
+            "near_constant_share": float(((ones >= 0.95) | (ones <= 0.05)).mean())}
 
 
 def retrieval_run(config: RuntimeConfig, split: BeirSplit, **kwargs) -> RetrievalRun:
