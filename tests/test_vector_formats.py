@@ -258,3 +258,14 @@ def test_plan_shows_index_bytes_per_format_beside_the_weights(cli_main):
     nf4 = next(r for r in plan["modes"] if r["mode"] == "nf4")
     assert index["int8"]["with_weights"]["nf4"] == nf4["weight_bytes"] + 4096 * 10**6
     assert cli_main("plan", "--docs", "0")[0] == 2
+
+
+def test_uint8_and_ubinary_rank_exactly_as_int8_and_binary():
+    queries, docs = unit_rows(7, 48, seed=8), unit_rows(120, 48, seed=9)
+    cal = calibration_of(docs)
+    for signed, unsigned in (("int8", "uint8"), ("binary", "ubinary"), ("binary:centred", "ubinary:centred")):
+        a, b = VectorFormat.parse(signed), VectorFormat.parse(unsigned)
+        for rescore in ((0, 3) if a.is_binary else (0,)):
+            ra = search_codes(queries, quantize(docs, a, cal), a, cal, k=30, rescore=rescore)
+            rb = search_codes(queries, quantize(docs, b, cal), b, cal, k=30, rescore=rescore)
+            assert np.array_equal(ra[0], rb[0]) and np.array_equal(ra[1], rb[1]), (signed, rescore)
