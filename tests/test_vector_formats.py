@@ -153,9 +153,8 @@ def test_hamming_search_and_rescoring_equal_brute_force(name):
     idx4, scores4 = search_codes(queries, codes, fmt, cal, k=k, rescore=4, doc_chunk=64)
     candidates, _ = brute_force(queries, -hamming, 4 * k)
     signs = d_bits.astype(np.float32) * 2 - 1
-    stored = cal.centre + cal.spread * signs if fmt.centred else signs  # what a sign bit stands for
     for q, cand, got, got_scores in zip(queries, candidates, idx4, scores4):
-        s = stored[cand] @ q
+        s = signs[cand] @ (q - cal.centre if fmt.centred else q)  # centred codes: the query is centred too
         order = np.lexsort((cand, -s))[:k]
         assert np.array_equal(got, cand[order])
         np.testing.assert_allclose(got_scores, s[order], rtol=1e-6)

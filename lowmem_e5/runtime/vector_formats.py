@@ -14,9 +14,9 @@ two calls, batches or workers are comparable, and values outside the sampled ran
 `quantize_embeddings` takes the range of the batch it is given unless told otherwise, and its casts wrap around).
 Binary codes are sentence-transformers' exactly (`np.packbits(x > 0)`, big-endian bit order; binary = packed - 128),
 so they interoperate; `centred` subtracts a per-dimension centre (the calibration sample's mean) before the sign, a
-known fix for anisotropic embeddings, measured in docs/index-memory.md; its bits are rescored as centre +- spread
-(the sample's mean absolute deviation per dimension), not +-1, since the raw query's common direction would
-otherwise outweigh them. uint8 and int8 (ubinary and binary) hold the
+known fix for anisotropic embeddings, measured in docs/index-memory.md; rescoring then takes the inner product of
+the query centred the same way with the +-1 signs (the raw query against them adds a per-document term, centre .
+signs, that no query asked for: measured worse, docs/index-memory.md). uint8 and int8 (ubinary and binary) hold the
 same information shifted by 128: they rank identically.
 
 numpy does the bit work: `packbits`, `unpackbits`, `bitwise_count`.
@@ -116,7 +116,6 @@ class VectorCalibration:
     minimum: np.ndarray
     maximum: np.ndarray
     centre: np.ndarray
-    spread: np.ndarray  # mean |x - centre|: a centred sign bit stands for centre +- spread
     identity: dict
     sample: dict = field(default_factory=dict)  # where the sample came from: rows, source, sha256
 
@@ -126,8 +125,7 @@ class VectorCalibration:
         if vectors.ndim != 2 or len(vectors) < 2:
             raise VectorFormatError(f"a calibration sample of shape {vectors.shape}; expected at least 2 vectors")
         centre = vectors.mean(axis=0, dtype=np.float64).astype(np.float32)
-        spread = np.abs(vectors - centre).mean(axis=0, dtype=np.float64).astype(np.float32)
-        return cls(vectors.min(axis=0), vectors.max(axis=0), centre, spread, json.loads(json.dumps(identity)),
+        return cls(vectors.min(axis=0), vectors.max(axis=0), centre, json.loads(json.dumps(identity)),
                    {"rows": int(len(vectors)), **(sample or {})})
 
     @property
@@ -142,7 +140,7 @@ class VectorCalibration:
     def to_dict(self) -> dict:
         return {"kind": CALIBRATION_KIND, "version": CALIBRATION_VERSION, "identity": self.identity,
                 "sample": self.sample, "dimensions": self.dimensions, "min": self.minimum.tolist(),
-                "max": self.maximum.tolist(), "centre": self.centre.tolist(), "spread": self.spread.tolist()}
+                "max": self.maximum.tolist(), "centre": self.centre.tolist()}
 
     @property
     def sha256(self) -> str:
@@ -155,10 +153,10 @@ class VectorCalibration:
                                     "`lowmem-e5 calibrate-vectors`")
         if data.get("version") != CALIBRATION_VERSION:
             raise VectorFormatError(f"{where} has version {data.get('version')!r}; expected {CALIBRATION_VERSION}")
-        arrays = [np.asarray(data.get(k, []), dtype=np.float32) for k in ("min", "max", "centre", "spread")]
+        arrays = [np.asarray(data.get(k, []), dtype=np.float32) for k in ("min", "max", "centre")]
         d = data.get("dimensions")
         if any(a.shape != (d,) for a in arrays) or not (arrays[0] <= arrays[1]).all():
-            raise VectorFormatError(f"{where}: min, max, centre and spread must be {d} values each with min <= max")
+            raise VectorFormatError(f"{where}: min, max and centre must be {d} values each with min <= max")
         return cls(*arrays, identity=data.get("identity", {}), sample=data.get("sample", {}))
 
     @classmethod
@@ -238,8 +236,7 @@ def packed_bits(codes: np.ndarray, fmt: VectorFormat) -> np.ndarray:
 
 def dequantize(codes: np.ndarray, fmt: VectorFormat | str, calibration: VectorCalibration | None = None,
                dimensions: int | None = None) -> np.ndarray:
-    """Codes -> float32 vectors as scoring sees them: the float values, min + level * step, +-1 per sign bit, or for a
-    centred format centre +- spread (the sample's mean absolute deviation) per bit."""
+    """Codes -> float32 vectors as scoring sees them: the float values, min + level * step, or +-1 per sign bit."""
     fmt = VectorFormat.parse(fmt) if isinstance(fmt, str) else fmt
     codes = np.asarray(codes)
     if fmt.name in ("float32", "float16"):
@@ -249,19 +246,17 @@ def dequantize(codes: np.ndarray, fmt: VectorFormat | str, calibration: VectorCa
         levels = codes.astype(np.float32) + (128 if fmt.name == "int8" else 0)
         return cal.minimum + levels * cal.step
     d = dimensions if dimensions is not None else codes.shape[-1] * 8
-    signs = np.unpackbits(packed_bits(codes, fmt), axis=-1, count=d).astype(np.float32) * 2 - 1
-    if fmt.centred:
-        cal = _need(fmt, calibration)
-        return cal.centre + cal.spread * signs
-    return signs
+    return np.unpackbits(packed_bits(codes, fmt), axis=-1, count=d).astype(np.float32) * 2 - 1
 
 
 def scores(queries: np.ndarray, codes: np.ndarray, fmt: VectorFormat | str,
            calibration: VectorCalibration | None = None) -> np.ndarray:
     """Inner products of float queries (q x d) with stored codes (n x width): q x n float32. Binary codes score as
-    +-1 vectors, centred ones as centre +- spread (what rescoring ranks by)."""
+    +-1 vectors (what rescoring ranks by); against centred ones the query is centred too: (q - centre) . signs."""
     fmt = VectorFormat.parse(fmt) if isinstance(fmt, str) else fmt
     queries = np.asarray(queries, dtype=np.float32)
+    if fmt.centred:
+        queries = queries - _need(fmt, calibration).centre
     return queries @ dequantize(codes, fmt, calibration, dimensions=queries.shape[-1]).T
 
 
