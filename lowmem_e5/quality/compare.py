@@ -340,6 +340,10 @@ def plot_index_memory(retrieval_records: list[dict], path: Path, title: str, mea
     """Weights + a million documents' vectors against retrieval retention, the Pareto front marked."""
     plt = _pyplot()
 
+    shown = {(r["run"]["label"], r["run"].get("vectors")) for r in retrieval_records}
+    retrieval_records = [r for r in retrieval_records  # uint8 / ubinary rank exactly as int8 / binary: one point
+                         if not (r["run"].get("vectors", "").startswith("u")
+                                 and (r["run"]["label"], r["run"]["vectors"][1:]) in shown)]
     points = index_memory_points(retrieval_records, measure)
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
