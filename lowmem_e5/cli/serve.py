@@ -44,14 +44,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.server import serve
 
     runtime = runtime_config(args)
-    if args.default_task is not None:
-        resolve_instruction(args.default_task, None)  # unknown task: fail before loading anything
+    for task in (args.default_task, args.query_task):
+        if task is not None:
+            resolve_instruction(task, None)  # unknown task: fail before loading anything
+    ranges = None
+    if args.ranges is not None:
+        from ..runtime.vector_formats import VectorCalibration
+
+        ranges = VectorCalibration.read(args.ranges)  # checked against the model once it is loaded
     config = ServeConfig(
         served_name=args.served_name, default_task=args.default_task,
         adapters=tuple(parse_adapter(a) for a in args.adapter), adapter_dir=args.adapter_dir, api_key=api_key(args),
         max_client_batch_size=args.max_client_batch_size, max_body_bytes=args.max_body_bytes,
         max_queue_requests=args.max_queue_requests, max_queue_tokens=args.max_queue_tokens,
-        max_wait_ms=args.max_wait_ms, max_batch_requests=args.max_batch_requests,
+        max_wait_ms=args.max_wait_ms, max_batch_requests=args.max_batch_requests, query_task=args.query_task,
+        query_instruction=args.query_instruction, ranges=ranges,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use it")
@@ -68,6 +75,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="a LoRA adapter to serve under NAME (repeatable); requests select it by `model`")
     sv.add_argument("--default-task", help="official task name: requests without input_type/task/instruction are "
                                            "queries of this task (default: they are documents)")
+    sv.add_argument("--query-task", default=d.query_task, help="official task of Cohere's input_type search_query "
+                    f"(default: {d.query_task}; a request's `task` or `instruction` overrides it)")
+    sv.add_argument("--query-instruction", help="instead of --query-task: a free-text instruction for search_query")
+    sv.add_argument("--ranges", type=Path, help="the index's calibration (`lowmem-e5 calibrate-vectors`, same model and "
+                    "mode): int8 and uint8 in Cohere's embedding_types")
     sv.add_argument("--api-key-file", type=Path, help="file holding the API key clients send as a Bearer token")
     sv.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
     sv.add_argument("--adapter-dir", type=Path,

@@ -13,8 +13,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import InputError, OutOfMemoryError, TextTooLongError
 from ..results import mode_label
@@ -23,10 +25,47 @@ from ..runtime.encoder import resolve_instruction
 from ..runtime.tokenization import TokenizedTexts
 from .config import ServeConfig, check_adapter_name
 from .metrics import ServerMetrics
-from .protocol import AdapterLoadRequest, ApiError, bad_request, embedding_response, input_texts, parse_request
+from .. import __version__
+from ..runtime.vector_formats import VectorFormat, quantize
+from .cohere_protocol import (
+    CohereEmbedRequest,
+    CohereEmbedResponse,
+    CohereError,
+    cohere_response,
+    error_body,
+    parse_cohere_request,
+    unsupported_type,
+)
+from .protocol import (
+    AdapterDeleted,
+    AdapterLoaded,
+    AdapterLoadRequest,
+    ApiError,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorBody,
+    Health,
+    ModelList,
+    bad_request,
+    embedding_response,
+    input_texts,
+    parse_request,
+)
 from .scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
+COHERE_ROUTES = ("/v1/embed", "/v2/embed")
+DRAIN_BOUND = 64 << 20  # bytes of an over-limit body read and discarded before the 413 closes the connection
+
+
+def body_schema(model) -> dict:
+    """The OpenAPI request body of a route that reads its JSON itself (to bound its size and word its errors)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+
+def errors(model, *codes: int) -> dict:
+    return {code: {"model": model, "description": "refused, with the reason"} for code in codes}
 
 
 def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics,
@@ -39,25 +78,40 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
         if on_stopped is not None:
             on_stopped()
 
-    app = FastAPI(title="lowmem_e5", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="lowmem_e5", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  description="E5-Mistral embeddings: OpenAI's /v1/embeddings, Cohere's /v1/embed and /v2/embed, "
+                              "LoRA adapters by name in `model`.")
+
+    def error_response(request: Request, exc: ApiError) -> JSONResponse:
+        """OpenAI's error shape, or Cohere's on Cohere's routes."""
+        body = error_body(exc.message) if request.url.path in COHERE_ROUTES else exc.body()
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         metrics.failures.labels(exc.code or exc.type).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: "no such route; expected POST /v1/embeddings, GET /v1/models or GET /health",
-                   405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: "no such route; expected POST /v1/embeddings, /v1/embed or /v2/embed, GET /v1/models or "
+                        "GET /health",
+                   405: f"method {request.method} is not allowed on {request.url.path}; allowed: "
+                        f"{(exc.headers or {}).get('Allow', '')}"}.get(exc.status_code, str(exc.detail))
+        return error_response(request, ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_path(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"]) or None
+        return error_response(request, bad_request(f"{where}: {first['msg']}", param=where))
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error: %s: %s", type(exc).__name__, exc)
         metrics.failures.labels("internal").inc()
-        body = ApiError(500, "internal error; the server log has the details", type="server_error").body()
-        return JSONResponse(body, status_code=500)
+        return error_response(request, ApiError(500, "internal error; the server log has the details",
+                                                type="server_error"))
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
@@ -105,24 +159,36 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
         except InputError as exc:
             raise bad_request(str(exc), param="task") from None
 
+    async def too_large(request: Request, message: str) -> ApiError:
+        """The 413, after reading and discarding the rest of the body up to a bound (nginx's lingering close): a
+        client that sends its whole body before reading (Python's urllib) otherwise gets a connection reset."""
+        drained = 0
+        try:
+            async for chunk in request.stream():
+                drained += len(chunk)
+                if drained > DRAIN_BOUND:
+                    break
+        except ClientDisconnect:
+            pass
+        return ApiError(413, message, code="payload_too_large", headers={"Connection": "close"})
+
     async def read_json(request: Request) -> Any:
         limit = config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body has {declared} bytes, more than this server's --max-body-bytes "
-                                f"{limit}", code="payload_too_large")
+            raise await too_large(request, f"the request body has {declared} bytes, more than this server's "
+                                           f"--max-body-bytes {limit}")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise ApiError(413, f"the request body is over this server's --max-body-bytes {limit}",
-                               code="payload_too_large")
+                raise await too_large(request, f"the request body is over this server's --max-body-bytes {limit}")
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
         if scheduler.failed is not None:
             return JSONResponse({"status": "failed", "error": str(scheduler.failed)}, status_code=503)
@@ -138,13 +204,14 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
             "adapters": sorted(scheduler.adapter_names),
         })
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}},
+                                                                        "description": "Prometheus metrics"}})
     async def prometheus() -> Response:
         metrics.queue_requests.set(scheduler.pending_requests)
         metrics.queue_tokens.set(scheduler.pending_tokens)
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=errors(ErrorBody, 401))
     async def models(request: Request) -> dict:
         authorize(request)
         created = int(app.state.started)
@@ -155,7 +222,9 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
                           "parent": config.served_name} for n in sorted(scheduler.adapter_names)]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, openapi_extra=body_schema(EmbeddingRequest),
+              responses=errors(ErrorBody, 400, 401, 404, 413, 429, 503),
+              summary="OpenAI's embeddings API (the openai client; input_type/task/instruction are extras)")
     async def embeddings(request: Request) -> JSONResponse:
         arrived = time.perf_counter()
         try:
@@ -178,8 +247,19 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
         adapter = adapter_of(req.model)
         texts = input_texts(req.input, config.max_client_batch_size)
         instruction = instruction_of(req)
+        vectors, job, tokens, inference_seconds = await embed(e, texts, adapter, instruction, req.truncate)
+        body = embedding_response(vectors, req.encoding_format, req.model or config.served_name, job.n_tokens)
+        return JSONResponse(body, headers=timing_headers(job, tokens, inference_seconds))
+
+    def timing_headers(job: Job, tokens: TokenizedTexts, inference_seconds: float) -> dict[str, str]:
+        queue_seconds = (job.started or job.enqueued) - job.enqueued
+        return {"X-Queue-Time": f"{queue_seconds * 1000:.3f}", "X-Inference-Time": f"{inference_seconds * 1000:.3f}",
+                "X-Truncated-Inputs": str(len(tokens.truncated))}
+
+    async def embed(e, texts: list[str], adapter: str | None, instruction: str | None, truncate: bool | None):
+        """Tokenise, queue, wait: the vectors, the job, its tokens and the inference time (metrics recorded)."""
         t0 = time.perf_counter()
-        tokens = await asyncio.to_thread(tokenize, e, texts, instruction, req.truncate)
+        tokens = await asyncio.to_thread(tokenize, e, texts, instruction, truncate)
         metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         job = Job(tokens=tokens, adapter=adapter, instruction=instruction)
         try:
@@ -190,15 +270,80 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
         except AdapterError as exc:
             raise ApiError(404, f"adapter {adapter!r} was unloaded before this request ran: {exc}", param="model",
                            code="model_not_found") from None
-        queue_seconds = (job.started or job.enqueued) - job.enqueued
-        metrics.queue_seconds.observe(queue_seconds)
+        metrics.queue_seconds.observe((job.started or job.enqueued) - job.enqueued)
         metrics.inference_seconds.observe(inference_seconds)
         metrics.texts.inc(len(texts))
         metrics.tokens.inc(job.n_tokens)
-        body = embedding_response(vectors, req.encoding_format, req.model or config.served_name, job.n_tokens)
-        headers = {"X-Queue-Time": f"{queue_seconds * 1000:.3f}", "X-Inference-Time": f"{inference_seconds * 1000:.3f}",
-                   "X-Truncated-Inputs": str(len(tokens.truncated))}
-        return JSONResponse(body, headers=headers)
+        return vectors, job, tokens, inference_seconds
+
+    def cohere_instruction(req: CohereEmbedRequest) -> str | None:
+        explicit = req.task is not None or req.instruction is not None
+        kind = req.input_type or "search_document"
+        if kind == "search_document":
+            if explicit:
+                raise bad_request("input_type search_document takes no task or instruction (documents are embedded "
+                                  "without one)", param="input_type")
+            return None
+        try:
+            if explicit:
+                return resolve_instruction(req.task, req.instruction)
+            if kind == "search_query":
+                return resolve_instruction(None if config.query_instruction else config.query_task,
+                                           config.query_instruction)
+        except InputError as exc:
+            raise bad_request(str(exc), param="task") from None
+        raise bad_request(f"input_type {kind} needs an 'instruction' (E5 writes one per dataset, e.g. 'Classify the "
+                          "sentiment expressed in the given movie review text from the IMDB dataset'); send it as an "
+                          "extra body field", param="instruction")
+
+    def cohere_codes(vectors, types: list[str]) -> dict:
+        codes = {}
+        for name in dict.fromkeys(types):
+            if name in ("float", "base64"):
+                codes[name] = vectors
+                continue
+            fmt = VectorFormat(name)
+            if fmt.needs_calibration and config.ranges is None:
+                raise unsupported_type(name)
+            codes[name] = quantize(vectors, fmt, config.ranges)
+        return codes
+
+    async def cohere_embed(request: Request, version: int) -> JSONResponse:
+        arrived = time.perf_counter()
+        try:
+            authorize(request)
+            e = embedder()
+            req = parse_cohere_request(await read_json(request), version)
+            adapter = adapter_of(req.model)
+            texts = input_texts(req.texts, config.max_client_batch_size, name="texts")
+            instruction = cohere_instruction(req)
+            types = req.embedding_types or ["float"]
+            if any(t in ("int8", "uint8") for t in types) and config.ranges is None:
+                raise unsupported_type(next(t for t in types if t in ("int8", "uint8")))
+            truncate = None if req.truncate is None else req.truncate == "END"
+            vectors, job, tokens, inference_seconds = await embed(e, texts, adapter, instruction,
+                                                                  True if truncate is None else truncate)
+            body = cohere_response(vectors, cohere_codes(vectors, types), texts, version,
+                                   by_type=version == 2 or req.embedding_types is not None, tokens=job.n_tokens)
+        except ApiError as exc:
+            metrics.requests.labels(str(exc.status)).inc()
+            raise
+        metrics.requests.labels("200").inc()
+        metrics.request_seconds.observe(time.perf_counter() - arrived)
+        return JSONResponse(body, headers=timing_headers(job, tokens, inference_seconds))
+
+    cohere_doc = dict(response_model=CohereEmbedResponse, openapi_extra=body_schema(CohereEmbedRequest),
+                      responses=errors(CohereError, 400, 401, 404, 413, 429, 503))
+
+    @app.post("/v1/embed", summary="Cohere's embed API, v1 (cohere.Client, LangChain's CohereEmbeddings)",
+              **cohere_doc)
+    async def embed_v1(request: Request) -> JSONResponse:
+        return await cohere_embed(request, 1)
+
+    @app.post("/v2/embed", summary="Cohere's embed API, v2 (cohere.ClientV2, LlamaIndex's CohereEmbedding)",
+              **cohere_doc)
+    async def embed_v2(request: Request) -> JSONResponse:
+        return await cohere_embed(request, 2)
 
     def require_adapter_management(request: Request) -> None:
         authorize(request)
@@ -206,7 +351,8 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
             raise ApiError(403, "loading and unloading adapters at run time is off; start the server with "
                                 "--adapter-dir DIR and an API key", code="adapter_management_disabled")
 
-    @app.post("/v1/adapters")
+    @app.post("/v1/adapters", response_model=AdapterLoaded, status_code=201,
+              openapi_extra=body_schema(AdapterLoadRequest), responses=errors(ErrorBody, 400, 401, 403, 404, 409, 503))
     async def load_adapter(request: Request) -> JSONResponse:
         require_adapter_management(request)
         embedder()
@@ -232,7 +378,7 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
         return JSONResponse({"id": info.name, "object": "model", "rank": info.rank, "bytes": info.bytes},
                             status_code=201)
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=errors(ErrorBody, 401, 403, 404, 503))
     async def unload_adapter(name: str, request: Request) -> JSONResponse:
         require_adapter_management(request)
         embedder()

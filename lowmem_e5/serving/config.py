@@ -29,6 +29,10 @@ class ServeConfig:
     max_queue_tokens: int = 262_144  # their tokens: 16 full token budgets
     max_wait_ms: float = 5.0  # how long a cycle waits for more requests while the queue is empty
     max_batch_requests: int | None = None  # requests per scheduler cycle; 1 turns cross-request batching off
+    query_task: str = "MSMARCO"  # Cohere's input_type search_query: queries of this official task
+    query_instruction: str | None = None  # ... or of this free-text instruction (instead of query_task)
+    # int8/uint8 ranges of the served index (runtime.vector_formats.VectorCalibration), for embedding_types
+    ranges: object | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.served_name or not self.served_name.strip():
@@ -53,6 +57,9 @@ class ServeConfig:
                                  "(--api-key-file or --api-key-env); refusing to open it to anyone")
             if not Path(self.adapter_dir).is_dir():
                 raise ValueError(f"adapter dir {str(self.adapter_dir)!r} is not a folder")
+        from ..runtime.instructions import task_instruction
+
+        task_instruction(self.query_task)  # an unknown name raises, listing the valid ones
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; expected a non-empty secret")
 

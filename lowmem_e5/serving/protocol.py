@@ -6,10 +6,10 @@ Every refusal is an `ApiError` carrying its HTTP status, so the routes never bui
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 
 class ApiError(Exception):
@@ -38,15 +38,87 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: Any
-    model: str | None = None
+    input: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                                          "description": "a text or a list of texts (token ids are refused)"})]
+    model: str | None = Field(None, description="the served model's name, or an adapter's")
     encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None  # accepted and ignored, as OpenAI-compatible servers do
-    dimensions: int | None = None
+    user: str | None = Field(None, description="accepted and ignored, as OpenAI-compatible servers do")
+    dimensions: int | None = Field(None, description="not supported: E5-Mistral is not a Matryoshka model")
     input_type: Literal["query", "document"] | None = None
-    task: str | None = None
-    instruction: str | None = None
-    truncate: bool | None = None  # None: the server's setting (truncate unless started with --no-truncate)
+    task: str | None = Field(None, description="an official task name: the texts are queries of it")
+    instruction: str | None = Field(None, description="a free-text instruction: the texts are queries of it")
+    truncate: bool | None = Field(None, description="cut texts over the maximum length (default: the server's "
+                                  "setting)")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, on every route but Cohere's."""
+
+    error: ErrorDetail
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed"]
+    model: str | None = None
+    served_name: str | None = None
+    mode: str | None = None
+    device: str | None = None
+    weight_bytes: int | None = None
+    max_length: int | None = None
+    adapters: list[str] | None = None
+    error: str | None = None
+
+
+class AdapterLoaded(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    rank: int
+    bytes: int
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
 
 
 def parse_request(payload: Any) -> EmbeddingRequest:
@@ -64,27 +136,29 @@ def parse_request(payload: Any) -> EmbeddingRequest:
         raise bad_request(message, param=where) from None
 
 
-def input_texts(value: Any, max_inputs: int) -> list[str]:
+def input_texts(value: Any, max_inputs: int, name: str = "input") -> list[str]:
     """`input` as a list of texts: a string or a list of strings. Token-id inputs are refused."""
     if isinstance(value, str):
         texts = [value]
     elif isinstance(value, list):
         if not value:
-            raise bad_request("'input' is an empty list; expected at least one text", param="input")
+            raise bad_request(f"'{name}' is an empty list; expected at least one text", param=name)
         if all(isinstance(v, int) for v in value) or any(isinstance(v, list) for v in value):
-            raise bad_request("'input' holds token ids or nested lists; this server takes text only: a string or a "
-                              "list of strings", param="input")
+            raise bad_request(f"'{name}' holds token ids or nested lists; this server takes text only: a string or a "
+                              "list of strings. LangChain's OpenAIEmbeddings sends token ids unless created with "
+                              "check_embedding_ctx_length=False (better: CohereEmbeddings against /v1/embed, which "
+                              "also embeds queries as queries)", param=name, code="token_ids_not_supported")
         texts = value
     else:
-        raise bad_request(f"'input' is {_json_type(value)}; expected a string or a list of strings", param="input")
+        raise bad_request(f"'{name}' is {_json_type(value)}; expected a string or a list of strings", param=name)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise bad_request(f"'input[{i}]' is {_json_type(text)}; expected a string", param="input")
+            raise bad_request(f"'{name}[{i}]' is {_json_type(text)}; expected a string", param=name)
         if not text.strip():
-            raise bad_request(f"'input[{i}]' is empty or whitespace only; expected some text to embed", param="input")
+            raise bad_request(f"'{name}[{i}]' is empty or whitespace only; expected some text to embed", param=name)
     if len(texts) > max_inputs:
-        raise bad_request(f"'input' has {len(texts)} texts, more than this server's --max-client-batch-size "
-                          f"{max_inputs}; split the request", param="input", code="too_many_inputs")
+        raise bad_request(f"'{name}' has {len(texts)} texts, more than this server's --max-client-batch-size "
+                          f"{max_inputs}; split the request", param=name, code="too_many_inputs")
     return texts
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder
 from ..runtime.loading import load_model
+from ..runtime.vector_formats import index_identity
 from .app import create_app
 from .config import ServeConfig
 from .metrics import ServerMetrics
@@ -19,6 +20,9 @@ def model_loader(runtime: RuntimeConfig, config: ServeConfig) -> Callable[[], Em
     """What the scheduler's thread runs first: the model per the runtime config, with the start-up adapters."""
     def load() -> Embedder:
         embedder = Embedder(load_model(runtime))
+        if config.ranges is not None:  # int8 codes of another model or mode would not be this index's
+            config.ranges.check(index_identity(embedder.loaded.source, embedder.config),
+                                where="the --ranges calibration")
         for name, folder in config.adapters:
             embedder.load_adapter(name, folder)
         return embedder
