@@ -318,11 +318,15 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
             texts = input_texts(req.texts, config.max_client_batch_size, name="texts")
             instruction = cohere_instruction(req)
             types = req.embedding_types or ["float"]
-            if any(t in ("int8", "uint8") for t in types) and config.ranges is None:
-                raise unsupported_type(next(t for t in types if t in ("int8", "uint8")))
-            truncate = None if req.truncate is None else req.truncate == "END"
+            scalar = [t for t in types if t in ("int8", "uint8")]
+            if scalar and config.ranges is None:
+                raise unsupported_type(scalar[0])
+            if scalar and adapter is not None:
+                raise bad_request(f"embedding type {scalar[0]!r} with adapter {adapter!r}: the server's --ranges "
+                                  "were made for the base model, whose vectors the adapter changes; ask for float, "
+                                  "binary or ubinary", param="embedding_types", code="ranges_mismatch")
             vectors, job, tokens, inference_seconds = await embed(e, texts, adapter, instruction,
-                                                                  True if truncate is None else truncate)
+                                                                  req.truncate != "NONE")
             body = cohere_response(vectors, cohere_codes(vectors, types), texts, version,
                                    by_type=version == 2 or req.embedding_types is not None, tokens=job.n_tokens)
         except ApiError as exc:
