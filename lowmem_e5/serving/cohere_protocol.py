@@ -14,9 +14,9 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from .protocol import ApiError, bad_request
+from .protocol import ApiError, bad_request, validate_body
 
 InputType = Literal["search_document", "search_query", "classification", "clustering"]
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
@@ -92,18 +92,7 @@ def error_body(message: str) -> dict[str, str]:
 
 
 def parse_cohere_request(payload: Any, version: int) -> CohereEmbedRequest:
-    if not isinstance(payload, dict):
-        raise bad_request(f"the request body is a JSON {type(payload).__name__}; expected a JSON object")
-    try:
-        req = CohereEmbedRequest.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        if first["type"] == "extra_forbidden":
-            message = f"unknown field {where!r}; expected some of: {', '.join(CohereEmbedRequest.model_fields)}"
-        else:
-            message = f"field {where!r}: {first['msg']}"
-        raise bad_request(message, param=where) from None
+    req = validate_body(CohereEmbedRequest, payload)
     for name, why in (("images", "this server embeds text only (E5-Mistral has no image encoder)"),
                       ("inputs", "send the texts in `texts`"),
                       ("max_tokens", "the server's --max-length applies; send truncate END or NONE"),
@@ -123,10 +112,6 @@ def parse_cohere_request(payload: Any, version: int) -> CohereEmbedRequest:
     return req
 
 
-def codes_as_lists(codes: np.ndarray) -> list[list[float]] | list[list[int]]:
-    return codes.tolist()
-
-
 def cohere_response(vectors: np.ndarray, codes: dict[str, np.ndarray], texts: list[str], version: int,
                     by_type: bool, tokens: int) -> dict[str, Any]:
     """The response body. codes: the requested types' arrays (float: the float32 vectors)."""
@@ -140,7 +125,7 @@ def cohere_response(vectors: np.ndarray, codes: dict[str, np.ndarray], texts: li
             embeddings[name] = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
                                 for v in array]
         else:
-            embeddings[name] = codes_as_lists(array)
+            embeddings[name] = array.tolist()
     return {"id": str(uuid.uuid4()), "response_type": "embeddings_by_type", "embeddings": embeddings, "texts": texts,
             "meta": meta}
 

@@ -121,19 +121,24 @@ class AdapterDeleted(BaseModel):
     deleted: bool
 
 
-def parse_request(payload: Any) -> EmbeddingRequest:
+def validate_body(model: type[BaseModel], payload: Any):
+    """A JSON body as `model`, or a 400 naming the first field that is wrong (and the known ones, for a typo)."""
     if not isinstance(payload, dict):
         raise bad_request(f"the request body is a JSON {type(payload).__name__}; expected a JSON object")
     try:
-        return EmbeddingRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or None
         if first["type"] == "extra_forbidden":
-            message = f"unknown field {where!r}; expected some of: {', '.join(EmbeddingRequest.model_fields)}"
+            message = f"unknown field {where!r}; expected some of: {', '.join(model.model_fields)}"
         else:
             message = f"field {where!r}: {first['msg']}"
         raise bad_request(message, param=where) from None
+
+
+def parse_request(payload: Any) -> EmbeddingRequest:
+    return validate_body(EmbeddingRequest, payload)
 
 
 def input_texts(value: Any, max_inputs: int, name: str = "input") -> list[str]:
