@@ -18,7 +18,7 @@ from ..errors import InputError, TextTooLongError
 from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder, EncodeStats
 from ..runtime.fingerprint import model_fingerprint
-from ..runtime.vector_formats import VectorCalibration, VectorFormat, quantize
+from ..runtime.vector_formats import VectorCalibration, VectorFormat, quantize, require_calibration
 from .corpus import Corpus
 from .manifest import Manifest
 from .vector_shards import shard_dir, vector_table, write_table_atomic
@@ -34,9 +34,7 @@ class EmbedSettings:
     calibration: dict | None = None  # VectorCalibration.to_dict() where the format needs one
 
     def __post_init__(self) -> None:
-        fmt = VectorFormat.parse(self.vectors)
-        if fmt.needs_calibration and self.calibration is None:
-            quantize(np.zeros((2, 1), np.float32), fmt)  # raises the error that says how to make one
+        require_calibration(VectorFormat.parse(self.vectors), self.calibration)  # unknown format or missing ranges
 
     def encode(self, embedder: Embedder, texts: list[str], on_batch=None):
         return embedder.encode(texts, query=self.query, task=self.task, instruction=self.instruction,

@@ -193,7 +193,7 @@ def _check_dimensions(vectors: np.ndarray, calibration: VectorCalibration | None
                                 f"{calibration.dimensions}; expected the calibration of these vectors' model")
 
 
-def _need(fmt: VectorFormat, calibration: VectorCalibration | None) -> VectorCalibration | None:
+def require_calibration(fmt: VectorFormat, calibration: VectorCalibration | None) -> VectorCalibration | None:
     if fmt.needs_calibration and calibration is None:
         raise VectorFormatError(f"vector format {fmt} needs a calibration (per-dimension ranges of a sample of "
                                 "documents); make one with `lowmem-e5 calibrate-vectors` and pass it (--ranges FILE)")
@@ -204,7 +204,7 @@ def sign_bits(vectors: np.ndarray, fmt: VectorFormat, calibration: VectorCalibra
     """Packed sign bits (uint8, n x ceil(d/8)) of float vectors: x > 0, or x - centre > 0 for a centred format."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if fmt.centred:
-        vectors = vectors - _need(fmt, calibration).centre
+        vectors = vectors - require_calibration(fmt, calibration).centre
     return np.packbits(vectors > 0, axis=-1)
 
 
@@ -221,7 +221,7 @@ def quantize(vectors: np.ndarray, fmt: VectorFormat | str,
     if fmt.name == "float16":
         return vectors.astype(np.float16)
     if fmt.name in SCALAR:
-        cal = _need(fmt, calibration)
+        cal = require_calibration(fmt, calibration)
         levels = np.clip(np.rint((vectors - cal.minimum) / cal.step), 0, LEVELS)
         return (levels - 128).astype(np.int8) if fmt.name == "int8" else levels.astype(np.uint8)
     packed = sign_bits(vectors, fmt, calibration)
@@ -242,7 +242,7 @@ def dequantize(codes: np.ndarray, fmt: VectorFormat | str, calibration: VectorCa
     if fmt.name in ("float32", "float16"):
         return codes.astype(np.float32)
     if fmt.name in SCALAR:
-        cal = _need(fmt, calibration)
+        cal = require_calibration(fmt, calibration)
         levels = codes.astype(np.float32) + (128 if fmt.name == "int8" else 0)
         return cal.minimum + levels * cal.step
     d = dimensions if dimensions is not None else codes.shape[-1] * 8
@@ -256,7 +256,7 @@ def scores(queries: np.ndarray, codes: np.ndarray, fmt: VectorFormat | str,
     fmt = VectorFormat.parse(fmt) if isinstance(fmt, str) else fmt
     queries = np.asarray(queries, dtype=np.float32)
     if fmt.centred:
-        queries = queries - _need(fmt, calibration).centre
+        queries = queries - require_calibration(fmt, calibration).centre
     return queries @ dequantize(codes, fmt, calibration, dimensions=queries.shape[-1]).T
 
 
