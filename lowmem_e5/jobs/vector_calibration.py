@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import InputError
 from ..hashing import file_sha256
 from ..runtime.encoder import Embedder
-from ..runtime.vector_formats import VectorCalibration, index_identity
+from ..runtime.vector_formats import VectorCalibration, index_identity, sample_indices
 from .corpus import open_corpus, read_shard
 from .inputs import INPUT_SUFFIXES, read_texts
 
@@ -33,10 +31,7 @@ def input_texts(path: str | Path, field: str = "text") -> list[str]:
 def sample_texts(texts: list[str], rows: int = DEFAULT_SAMPLE, seed: int = 0) -> list[str]:
     if rows < 2:
         raise InputError(f"--sample {rows} is not valid; expected at least 2 documents")
-    if len(texts) <= rows:
-        return list(texts)
-    picked = np.sort(np.random.default_rng(seed).choice(len(texts), rows, replace=False))
-    return [texts[i] for i in picked]
+    return [texts[i] for i in sample_indices(len(texts), rows, seed)]
 
 
 def calibrate(embedder: Embedder, path: str | Path, field: str = "text", rows: int = DEFAULT_SAMPLE,

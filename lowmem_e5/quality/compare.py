@@ -27,6 +27,7 @@ from .retrieval import (
     add_retention,
     add_vector_retention,
     retrieval_runs,
+    vectors_of,
 )
 
 
@@ -180,19 +181,19 @@ def run_grid(entries: list[GridEntry], base: RuntimeConfig, reference: Reference
         del embedder
     if retrieval is not None:
         ref = next((r for r in retrieval_records if r["run"]["label"] == reference.mode
-                    and r["run"].get("vectors", FLOAT32.label) == FLOAT32.label), None)
+                    and vectors_of(r) == FLOAT32.label), None)
         if ref is None:
             log(f"no {reference.mode} run in the grid: retrieval retention is not computed")
         add_vector_retention(retrieval_records)
         for r in retrieval_records:
             if ref is not None and r is not ref:
                 add_retention(r, ref)
-            write_json_atomic(retrieval_path(out_dir, r["run"]["label"], r["run"].get("vectors", FLOAT32.label)), r)
+            write_json_atomic(retrieval_path(out_dir, r["run"]["label"], vectors_of(r)), r)
     return records, retrieval_records
 
 
 def float32_rows(retrieval_records: list[dict]) -> list[dict]:
-    return [r for r in retrieval_records if r["run"].get("vectors", FLOAT32.label) == FLOAT32.label]
+    return [r for r in retrieval_records if vectors_of(r) == FLOAT32.label]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -328,8 +329,8 @@ def index_memory_table(retrieval_records: list[dict]) -> str:
     for i in sorted(range(len(retrieval_records)), key=lambda i: -points[i][0]):
         r = retrieval_records[i]
         q, m = r["quality"], r["memory"]
-        own = retention_cell(r, key="retention_vs_float32_vectors") if r["run"].get("vectors") != FLOAT32.label else "-"
-        lines.append(f"| {r['run']['label']} | {r['run'].get('vectors', FLOAT32.label)} | {q['nDCG@10']:.4f} | "
+        own = retention_cell(r, key="retention_vs_float32_vectors") if vectors_of(r) != FLOAT32.label else "-"
+        lines.append(f"| {r['run']['label']} | {vectors_of(r)} | {q['nDCG@10']:.4f} | "
                      f"{q['Recall@100']:.4f} | {q['MRR@10']:.4f} | {retention_cell(r)} | {own} | "
                      f"{m['index_bytes_per_document']:,} | {m['bytes_for_a_million_documents'] / 1e9:.3f} | "
                      f"{'*' if i in front else ''} | {bits_cell(q.get('bits'))} |")
@@ -340,10 +341,9 @@ def plot_index_memory(retrieval_records: list[dict], path: Path, title: str, mea
     """Weights + a million documents' vectors against retrieval retention, the Pareto front marked."""
     plt = _pyplot()
 
-    shown = {(r["run"]["label"], r["run"].get("vectors")) for r in retrieval_records}
+    shown = {(r["run"]["label"], vectors_of(r)) for r in retrieval_records}
     retrieval_records = [r for r in retrieval_records  # uint8 / ubinary rank exactly as int8 / binary: one point
-                         if not (r["run"].get("vectors", "").startswith("u")
-                                 and (r["run"]["label"], r["run"]["vectors"][1:]) in shown)]
+                         if not (vectors_of(r).startswith("u") and (r["run"]["label"], vectors_of(r)[1:]) in shown)]
     points = index_memory_points(retrieval_records, measure)
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
@@ -357,7 +357,7 @@ def plot_index_memory(retrieval_records: list[dict], path: Path, title: str, mea
             yerr = [[y - ret["ci95"][0]], [ret["ci95"][1] - y]] if ret else None
             ax.errorbar([points[i][0] / 1e9], [y], yerr=yerr, fmt="o", capsize=2, color=f"C{c}",
                         label=w if i == rows[0] else None)
-            ax.annotate(r["run"].get("vectors", FLOAT32.label), (points[i][0] / 1e9, y), fontsize=6,
+            ax.annotate(vectors_of(r), (points[i][0] / 1e9, y), fontsize=6,
                         xytext=(4, 2), textcoords="offset points")
     ax.plot([points[i][0] / 1e9 for i in front], [1 - points[i][1] for i in front], "k--", lw=1,
             label="Pareto front")

@@ -19,15 +19,16 @@ from ..runtime.config import RuntimeConfig
 from ..runtime.encoder import Embedder
 from ..runtime.fingerprint import adapter_fingerprint, model_identity
 from ..runtime.loading import load_model
-from .beir import BeirSplit
 from ..runtime.vector_formats import (
     VectorCalibration,
     VectorFormat,
-    VectorFormatError,
+    check_rescore,
     index_identity,
     packed_bits,
     quantize,
+    sample_indices,
 )
+from .beir import BeirSplit
 from .retrieval_metrics import (
     MEASURES,
     SEARCH_DEPTH,
@@ -97,9 +98,7 @@ class VectorRow:
     rescore: int = 0
 
     def __post_init__(self) -> None:
-        if self.rescore and not self.fmt.is_binary:
-            raise VectorFormatError(f"--rescore applies to binary and ubinary; {self.fmt} is already scored by the "
-                                    "float query's inner product with the stored vector")
+        check_rescore(self.fmt, self.rescore)
 
     @property
     def label(self) -> str:
@@ -123,9 +122,7 @@ def vector_rows(formats: list[VectorFormat], rescores: list[int]) -> list[Vector
 
 def calibration_sample(vectors: np.ndarray, rows: int = CALIBRATION_SAMPLE, seed: int = 0) -> np.ndarray:
     """A fixed random sample of document vectors (all of them when there are fewer)."""
-    if len(vectors) <= rows:
-        return vectors
-    return vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), rows, replace=False))]
+    return vectors[sample_indices(len(vectors), rows, seed)]
 
 
 def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None = None,
@@ -169,6 +166,8 @@ def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None 
             {"source": "the split's documents", "corpus_sha256": split.corpus_sha256})
     weight_bytes = embedder.loaded.weight_bytes
     dimensions = int(doc_vectors.shape[1])
+    fingerprint = model_identity(source)
+    anisotropy = {"mean_vector_norm": float(np.linalg.norm(doc_vectors.mean(axis=0)))}
     runs = {}
     for row in rows:
         t0 = time.perf_counter()
@@ -182,14 +181,14 @@ def retrieval_runs(config: RuntimeConfig, split: BeirSplit, *, task: str | None 
         quality_extra = {"bits": bit_balance(codes, row.fmt, dimensions)} if row.fmt.is_binary else {}
         record = result_record(
             run={"mode": label, "vectors": row.label, "config": config.to_dict(), "model_source": source,
-                 "model_fingerprint": model_identity(source), **split.describe(), "task": task,
+                 "model_fingerprint": fingerprint, **split.describe(), "task": task,
                  "instruction": instruction, "adapter": str(adapter) if adapter else None,
                  "vector_format": {"format": row.fmt.name, "centred": row.fmt.centred, "rescore": row.rescore,
                                    "dimensions": dimensions,
                                    "calibration_rows": calibration.sample["rows"]
                                    if calibration is not None and row.fmt.needs_calibration else None}},
             quality={**summarize(per_query), **quality_extra,
-                     "anisotropy": {"mean_vector_norm": float(np.linalg.norm(doc_vectors.mean(axis=0)))},
+                     "anisotropy": anisotropy,
                      "per_query": {"query_ids": split.query_ids, **{m: v.tolist() for m, v in per_query.items()}}},
             memory={"weight_bytes": weight_bytes.to_dict(), "index_bytes_per_document": per_doc,
                     "index_bytes": per_doc * len(split.doc_ids),
@@ -230,14 +229,18 @@ def add_retention(record: dict, reference: dict, key: str = "retention") -> None
         raise ValueError("the reference run scored other queries; expected the same BEIR split")
     mine, ref = per_query_from_record(record), per_query_from_record(reference)
     record["quality"][key] = {
-        "reference_mode": reference["run"]["mode"], "reference_vectors": reference["run"].get("vectors", "float32"),
+        "reference_mode": reference["run"]["mode"], "reference_vectors": vectors_of(reference),
         **{m: paired_bootstrap_retention(mine[m], ref[m]).to_dict() for m in MEASURES}}
+
+
+def vectors_of(record: dict) -> str:
+    """A retrieval record's vector row (records written before vector formats were float32)."""
+    return record["run"].get("vectors", FLOAT32.label)
 
 
 def add_vector_retention(records: list[dict]) -> None:
     """Each non-float32 row's retention against the float32 row of its own weights, where the list has it."""
-    float32 = {r["run"].get("label", r["run"]["mode"]): r for r in records
-               if r["run"].get("vectors", FLOAT32.label) == FLOAT32.label}
+    float32 = {r["run"].get("label", r["run"]["mode"]): r for r in records if vectors_of(r) == FLOAT32.label}
     for r in records:
         own = float32.get(r["run"].get("label", r["run"]["mode"]))
         if own is not None and r is not own:

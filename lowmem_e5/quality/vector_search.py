@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtime.vector_formats import VectorCalibration, VectorFormat, VectorFormatError, hamming, scores, sign_bits
+from ..runtime.vector_formats import VectorCalibration, VectorFormat, check_rescore, hamming, scores, sign_bits
 
 BlockScores = Callable[[slice, slice], np.ndarray]  # (query rows, document rows) -> scores, larger is better
 
@@ -61,12 +61,8 @@ def search_codes(queries: np.ndarray, codes: np.ndarray, fmt: VectorFormat, cali
     inner product with their +-1 codes."""
     queries = np.asarray(queries, dtype=np.float32)
     codes = np.asarray(codes)
-    if rescore < 0:
-        raise VectorFormatError(f"rescore={rescore} is not valid; expected 0 (none) or a factor >= 1")
+    check_rescore(fmt, rescore)
     if not fmt.is_binary:
-        if rescore:
-            raise VectorFormatError(f"rescoring applies to binary and ubinary; {fmt} is already scored by the float "
-                                    "query's inner product with the stored vector")
         return blocked_top_k(len(queries), len(codes), k,
                              lambda q, d: scores(queries[q], codes[d], fmt, calibration), doc_chunk)
     query_bits = sign_bits(queries, fmt, calibration)

@@ -104,6 +104,23 @@ def parse_formats(text: str) -> list[VectorFormat]:
     return formats
 
 
+def check_rescore(fmt: VectorFormat, rescore: int) -> None:
+    """Rescoring (the k x N Hamming-nearest ranked by the float query) applies to binary formats only."""
+    if rescore < 0:
+        raise VectorFormatError(f"rescore={rescore} is not valid; expected 0 (none) or a factor >= 1")
+    if rescore and not fmt.is_binary:
+        raise VectorFormatError(f"rescoring applies to binary and ubinary; {fmt} is already scored by the float "
+                                "query's inner product with the stored vector")
+
+
+def sample_indices(n: int, rows: int, seed: int = 0) -> np.ndarray:
+    """The rows a calibration is taken from: a fixed random draw of `rows` of `n`, in order (all of them when there
+    are fewer)."""
+    if n <= rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, rows, replace=False))
+
+
 def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 

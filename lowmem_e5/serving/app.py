@@ -226,9 +226,13 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
               responses=errors(ErrorBody, 400, 401, 404, 413, 429, 503),
               summary="OpenAI's embeddings API (the openai client; input_type/task/instruction are extras)")
     async def embeddings(request: Request) -> JSONResponse:
+        return await counted(_embeddings(request))
+
+    async def counted(handling) -> JSONResponse:
+        """Await an embedding route's work, counting its outcome and (when answered) its duration."""
         arrived = time.perf_counter()
         try:
-            response = await _embeddings(request)
+            response = await handling
         except ApiError as exc:
             metrics.requests.labels(str(exc.status)).inc()
             raise
@@ -297,43 +301,28 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
                           "extra body field", param="instruction")
 
     def cohere_codes(vectors, types: list[str]) -> dict:
-        codes = {}
-        for name in dict.fromkeys(types):
-            if name in ("float", "base64"):
-                codes[name] = vectors
-                continue
-            fmt = VectorFormat(name)
-            if fmt.needs_calibration and config.ranges is None:
-                raise unsupported_type(name)
-            codes[name] = quantize(vectors, fmt, config.ranges)
-        return codes
+        """The requested types' arrays; int8/uint8 were checked against --ranges before the model ran."""
+        return {name: vectors if name in ("float", "base64") else quantize(vectors, VectorFormat(name), config.ranges)
+                for name in dict.fromkeys(types)}
 
     async def cohere_embed(request: Request, version: int) -> JSONResponse:
-        arrived = time.perf_counter()
-        try:
-            authorize(request)
-            e = embedder()
-            req = parse_cohere_request(await read_json(request), version)
-            adapter = adapter_of(req.model)
-            texts = input_texts(req.texts, config.max_client_batch_size, name="texts")
-            instruction = cohere_instruction(req)
-            types = req.embedding_types or ["float"]
-            scalar = [t for t in types if t in ("int8", "uint8")]
-            if scalar and config.ranges is None:
-                raise unsupported_type(scalar[0])
-            if scalar and adapter is not None:
-                raise bad_request(f"embedding type {scalar[0]!r} with adapter {adapter!r}: the server's --ranges "
-                                  "were made for the base model, whose vectors the adapter changes; ask for float, "
-                                  "binary or ubinary", param="embedding_types", code="ranges_mismatch")
-            vectors, job, tokens, inference_seconds = await embed(e, texts, adapter, instruction,
-                                                                  req.truncate != "NONE")
-            body = cohere_response(vectors, cohere_codes(vectors, types), texts, version,
-                                   by_type=version == 2 or req.embedding_types is not None, tokens=job.n_tokens)
-        except ApiError as exc:
-            metrics.requests.labels(str(exc.status)).inc()
-            raise
-        metrics.requests.labels("200").inc()
-        metrics.request_seconds.observe(time.perf_counter() - arrived)
+        authorize(request)
+        e = embedder()
+        req = parse_cohere_request(await read_json(request), version)
+        adapter = adapter_of(req.model)
+        texts = input_texts(req.texts, config.max_client_batch_size, name="texts")
+        instruction = cohere_instruction(req)
+        types = req.embedding_types or ["float"]
+        scalar = [t for t in types if t in ("int8", "uint8")]
+        if scalar and config.ranges is None:
+            raise unsupported_type(scalar[0])
+        if scalar and adapter is not None:
+            raise bad_request(f"embedding type {scalar[0]!r} with adapter {adapter!r}: the server's --ranges "
+                              "were made for the base model, whose vectors the adapter changes; ask for float, "
+                              "binary or ubinary", param="embedding_types", code="ranges_mismatch")
+        vectors, job, tokens, inference_seconds = await embed(e, texts, adapter, instruction, req.truncate != "NONE")
+        body = cohere_response(vectors, cohere_codes(vectors, types), texts, version,
+                               by_type=version == 2 or req.embedding_types is not None, tokens=job.n_tokens)
         return JSONResponse(body, headers=timing_headers(job, tokens, inference_seconds))
 
     cohere_doc = dict(response_model=CohereEmbedResponse, openapi_extra=body_schema(CohereEmbedRequest),
@@ -342,12 +331,12 @@ def create_app(config: ServeConfig, scheduler: Scheduler, metrics: ServerMetrics
     @app.post("/v1/embed", summary="Cohere's embed API, v1 (cohere.Client, LangChain's CohereEmbeddings)",
               **cohere_doc)
     async def embed_v1(request: Request) -> JSONResponse:
-        return await cohere_embed(request, 1)
+        return await counted(cohere_embed(request, 1))
 
     @app.post("/v2/embed", summary="Cohere's embed API, v2 (cohere.ClientV2, LlamaIndex's CohereEmbedding)",
               **cohere_doc)
     async def embed_v2(request: Request) -> JSONResponse:
-        return await cohere_embed(request, 2)
+        return await counted(cohere_embed(request, 2))
 
     def require_adapter_management(request: Request) -> None:
         authorize(request)
